@@ -1,0 +1,1 @@
+"""Readers (Hugging Face) and writers (GGUF, ONNX) of the canonical graph."""

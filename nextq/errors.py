@@ -1,0 +1,23 @@
+"""nextq's errors: one base class the CLI turns into one clear line and a non-zero exit."""
+
+
+class NextqError(Exception):
+    """Base class; the message names the thing and the expected vs actual value."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(NextqError):
+    """The source is an architecture or configuration nextq cannot represent."""
+
+
+class CheckpointError(NextqError):
+    """Missing, extra, misshapen or corrupt tensors in a checkpoint or IR directory."""
+
+
+class OutputExistsError(NextqError):
+    """The output path exists and --force was not given."""
+
+
+class BackendError(NextqError):
+    """A backend cannot be chosen or cannot run the model."""

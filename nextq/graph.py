@@ -1,0 +1,518 @@
+"""The canonical graph (IR): typed blocks, a frozen config, lazy tensors, and its on-disk form.
+
+Canonical means mathematically explicit and family-neutral (readers translate a family's quirks into it):
+- Gated DeltaNet: separate q/k/v/z/b/a projections in flat head order (value head j of key head g is flat head
+  g * Hv/Hk + j), the depthwise conv weight squeezed to [C, kernel] over concat(q, k, v) channels.
+- Gated attention: separate query and output-gate projections `q`, `gate` [Hq * D, H].
+- Experts one by one: `layers.7.ffn.experts.311.down`.
+- Norms keep their stored values; each norm tensor records its `norm_offset`: the effective scale is
+  `offset + w` (1.0 for Qwen3-Next's zero-centred RMSNorms, 0.0 for the gated norm of the delta rule).
+
+On disk an IR directory holds `graph.json` (config, blocks, tensor index, provenance) and safetensors shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .errors import CheckpointError, OutputExistsError, UnsupportedModelError
+
+IR_FORMAT = "nextq-ir"
+IR_VERSION = 1
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Qwen3-Next-style hybrid model (Hugging Face field names)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]
+    # gated attention
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.25
+    max_position_embeddings: int = 32768
+    # gated delta net
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_conv_kernel_dim: int = 4
+    # feed-forward
+    intermediate_size: int = 5632
+    num_experts: int = 512
+    num_experts_per_tok: int = 10
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 512
+    norm_topk_prob: bool = True
+    mlp_only_layers: tuple[int, ...] = ()
+    decoder_sparse_step: int = 1
+    # misc
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    mtp_num_hidden_layers: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise UnsupportedModelError(f"config: {msg}")
+
+        need(len(self.layer_types) == self.num_hidden_layers,
+             f"layer_types has {len(self.layer_types)} entries, expected num_hidden_layers={self.num_hidden_layers}")
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        need(not bad, f"layer_types {bad} unknown, supported: {list(LAYER_TYPES)}")
+        need(self.linear_num_value_heads % self.linear_num_key_heads == 0,
+             f"linear_num_value_heads={self.linear_num_value_heads} must be a multiple of "
+             f"linear_num_key_heads={self.linear_num_key_heads}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0,
+             f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+             f"num_key_value_heads={self.num_key_value_heads}")
+        need(self.rotary_dim % 2 == 0 and 0 < self.rotary_dim <= self.head_dim,
+             f"rotary dim head_dim*partial_rotary_factor={self.rotary_dim} must be even and in (0, {self.head_dim}]")
+        need(self.hidden_act == "silu", f"hidden_act={self.hidden_act!r}, supported: ['silu']")
+        need(self.num_experts_per_tok <= self.num_experts or not self.num_experts,
+             f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts={self.num_experts}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sparse(self, i: int) -> bool:
+        """Whether layer i uses the sparse MoE block (transformers' rule) rather than a dense MLP."""
+        return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CheckpointError(f"graph.json config: unknown fields {unknown}")
+        d = dict(d)
+        for k in ("layer_types", "mlp_only_layers"):
+            d[k] = tuple(d[k])
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = tuple(d["eos_token_id"])
+        return cls(**d)
+
+
+# ---- typed blocks -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    norm_offset: float | None = None  # set for norm weights: effective scale = offset + w
+
+
+def _norm(dim: int, offset: float = 1.0) -> TensorSpec:
+    return TensorSpec((dim,), offset)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A typed block; `specs` lists its tensors by canonical name relative to `prefix`."""
+
+    prefix: str
+
+    kind = "Block"
+
+    def specs(self, c: ModelConfig) -> dict[str, TensorSpec]:
+        raise NotImplementedError
+
+    def tensor_specs(self, c: ModelConfig) -> dict[str, TensorSpec]:
+        return {f"{self.prefix}.{k}": v for k, v in self.specs(c).items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "prefix": self.prefix}
+
+
+@dataclass(frozen=True)
+class Embedding(Block):
+    kind = "Embedding"
+
+    def specs(self, c):
+        return {"weight": TensorSpec((c.vocab_size, c.hidden_size))}
+
+
+@dataclass(frozen=True)
+class GatedDeltaNet(Block):
+    kind = "GatedDeltaNet"
+
+    def specs(self, c):
+        h, hk, hv, dk, dv = (c.hidden_size, c.linear_num_key_heads, c.linear_num_value_heads,
+                             c.linear_key_head_dim, c.linear_value_head_dim)
+        return {
+            "q.weight": TensorSpec((hk * dk, h)),
+            "k.weight": TensorSpec((hk * dk, h)),
+            "v.weight": TensorSpec((hv * dv, h)),
+            "z.weight": TensorSpec((hv * dv, h)),
+            "b.weight": TensorSpec((hv, h)),
+            "a.weight": TensorSpec((hv, h)),
+            "conv.weight": TensorSpec((2 * hk * dk + hv * dv, c.linear_conv_kernel_dim)),
+            "A_log": TensorSpec((hv,)),
+            "dt_bias": TensorSpec((hv,)),
+            "norm.weight": _norm(dv, 0.0),
+            "out.weight": TensorSpec((h, hv * dv)),
+        }
+
+
+@dataclass(frozen=True)
+class GatedAttention(Block):
+    kind = "GatedAttention"
+
+    def specs(self, c):
+        h, hq, hkv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        return {
+            "q.weight": TensorSpec((hq * d, h)),
+            "gate.weight": TensorSpec((hq * d, h)),
+            "k.weight": TensorSpec((hkv * d, h)),
+            "v.weight": TensorSpec((hkv * d, h)),
+            "o.weight": TensorSpec((h, hq * d)),
+            "q_norm.weight": _norm(d),
+            "k_norm.weight": _norm(d),
+        }
+
+
+def _mlp_specs(prefix: str, h: int, i: int) -> dict[str, TensorSpec]:
+    return {
+        f"{prefix}gate.weight": TensorSpec((i, h)),
+        f"{prefix}up.weight": TensorSpec((i, h)),
+        f"{prefix}down.weight": TensorSpec((h, i)),
+    }
+
+
+@dataclass(frozen=True)
+class DenseMLP(Block):
+    kind = "DenseMLP"
+
+    def specs(self, c):
+        return _mlp_specs("", c.hidden_size, c.intermediate_size)
+
+
+@dataclass(frozen=True)
+class SparseMoE(Block):
+    kind = "SparseMoE"
+
+    def specs(self, c):
+        h = c.hidden_size
+        out = {"router.weight": TensorSpec((c.num_experts, h))}
+        for e in range(c.num_experts):
+            out.update(_mlp_specs(f"experts.{e}.", h, c.moe_intermediate_size))
+        out.update(_mlp_specs("shared.", h, c.shared_expert_intermediate_size))
+        out["shared_gate.weight"] = TensorSpec((1, h))
+        return out
+
+
+@dataclass(frozen=True)
+class Layer(Block):
+    """One decoder layer: pre-norm -> mixer -> residual -> pre-norm -> ffn -> residual."""
+
+    index: int = 0
+    mixer: Block = field(default=None)  # GatedDeltaNet | GatedAttention
+    ffn: Block = field(default=None)  # SparseMoE | DenseMLP
+
+    kind = "Layer"
+
+    def specs(self, c):
+        out = {"input_norm.weight": _norm(c.hidden_size), "post_norm.weight": _norm(c.hidden_size)}
+        for sub in (self.mixer, self.ffn):
+            out.update({k[len(self.prefix) + 1:]: v for k, v in sub.tensor_specs(c).items()})
+        return out
+
+    def to_json(self):
+        return {**super().to_json(), "index": self.index, "mixer": self.mixer.kind, "ffn": self.ffn.kind}
+
+
+@dataclass(frozen=True)
+class FinalNorm(Block):
+    kind = "FinalNorm"
+
+    def specs(self, c):
+        return {"weight": _norm(c.hidden_size)}
+
+
+@dataclass(frozen=True)
+class LMHead(Block):
+    kind = "LMHead"
+
+    def specs(self, c):
+        return {} if c.tie_word_embeddings else {"weight": TensorSpec((c.vocab_size, c.hidden_size))}
+
+
+@dataclass(frozen=True)
+class MTP(Block):
+    """Multi-token prediction: h' = fc(concat(embed_norm(embed(t+1)), hidden_norm(h_t))) -> layers -> norm."""
+
+    layers: tuple[Layer, ...] = ()
+
+    kind = "MTP"
+
+    def specs(self, c):
+        h = c.hidden_size
+        out = {"fc.weight": TensorSpec((h, 2 * h)), "embed_norm.weight": _norm(h),
+               "hidden_norm.weight": _norm(h), "norm.weight": _norm(h)}
+        for layer in self.layers:
+            out.update({k[len(self.prefix) + 1:]: v for k, v in layer.tensor_specs(c).items()})
+        return out
+
+    def to_json(self):
+        return {**super().to_json(), "layers": len(self.layers)}
+
+
+def make_layer(c: ModelConfig, i: int, prefix: str, layer_type: str, sparse: bool) -> Layer:
+    mixer = (GatedDeltaNet if layer_type == "linear_attention" else GatedAttention)(f"{prefix}.mixer")
+    ffn = (SparseMoE if sparse else DenseMLP)(f"{prefix}.ffn")
+    return Layer(prefix, index=i, mixer=mixer, ffn=ffn)
+
+
+def build_blocks(c: ModelConfig) -> list[Block]:
+    """The model as an ordered list of typed blocks."""
+    blocks: list[Block] = [Embedding("embed")]
+    blocks += [make_layer(c, i, f"layers.{i}", t, c.is_sparse(i)) for i, t in enumerate(c.layer_types)]
+    blocks += [FinalNorm("norm"), LMHead("lm_head")]
+    if c.mtp_num_hidden_layers:
+        mtp_layers = tuple(
+            make_layer(c, j, f"mtp.layers.{j}", "full_attention", c.num_experts > 0)
+            for j in range(c.mtp_num_hidden_layers)
+        )
+        blocks.append(MTP("mtp", layers=mtp_layers))
+    return blocks
+
+
+def expected_tensors(c: ModelConfig) -> dict[str, TensorSpec]:
+    out: dict[str, TensorSpec] = {}
+    for b in build_blocks(c):
+        out.update(b.tensor_specs(c))
+    return out
+
+
+# ---- tensors ------------------------------------------------------------------------------------------------
+
+
+class LazyTensor(Protocol):
+    """Anything that can produce a tensor on demand and states its shape and dtype without loading."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor read on demand from a source file, with pending transforms (a reader's translation)."""
+
+    read: Callable[[], torch.Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    origin: str = ""  # "file:key" for error messages
+
+    def load(self) -> torch.Tensor:
+        t = self.read()
+        if self.transform is not None:
+            t = self.transform(t)
+        if tuple(t.shape) != self.shape:
+            raise CheckpointError(f"{self.origin}: produced shape {tuple(t.shape)}, expected {self.shape}")
+        return t
+
+
+@dataclass(frozen=True)
+class IRTensor:
+    """A dense tensor in an IR shard, memory-mapped on load."""
+
+    path: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.path, "pt") as f:
+            return f.get_tensor(self.key)
+
+
+@dataclass
+class Graph:
+    """The canonical graph: config + typed blocks + a name -> tensor map (lazy, dense or quantized)."""
+
+    config: ModelConfig
+    tensors: dict[str, Any]  # LazyTensor | torch.Tensor | QuantizedTensor
+    provenance: dict[str, Any] = field(default_factory=dict)
+    assets: dict[str, Path] = field(default_factory=dict)  # tokenizer & template files carried along
+
+    @property
+    def blocks(self) -> list[Block]:
+        return build_blocks(self.config)
+
+    def check(self) -> None:
+        """Every expected tensor present with its shape, nothing extra; else one error listing them all."""
+        expected = expected_tensors(self.config)
+        missing = sorted(set(expected) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(expected))
+        wrong = [f"{k}: expected {list(expected[k].shape)}, got {list(shape_of(self.tensors[k]))}"
+                 for k in expected if k in self.tensors and tuple(shape_of(self.tensors[k])) != expected[k].shape]
+        problems = []
+        if missing:
+            problems.append(f"missing tensors ({len(missing)}): {_abbrev(missing)}")
+        if extra:
+            problems.append(f"unexpected tensors ({len(extra)}): {_abbrev(extra)}")
+        if wrong:
+            problems.append(f"wrong shapes ({len(wrong)}): {_abbrev(wrong)}")
+        if problems:
+            raise CheckpointError("; ".join(problems))
+
+    def get(self, name: str) -> Any:
+        """The tensor `name` materialised: a torch.Tensor, or a QuantizedTensor for quantized weights."""
+        t = self.tensors[name]
+        return t.load() if hasattr(t, "load") else t
+
+    def norm_offset(self, name: str) -> float | None:
+        return expected_tensors(self.config)[name].norm_offset
+
+    def save(self, out: str | Path, *, force: bool = False, progress: Callable[[Iterator], Iterator] | None = None,
+             cast: Callable[[str, torch.Tensor], Any] | None = None) -> Path:
+        """Write the IR directory atomically (temporary sibling, renamed at the end).
+
+        `cast(name, tensor)` may turn each dense tensor into another dtype or a QuantizedTensor on the way out.
+        """
+        from .storage import ShardWriter
+
+        self.check()
+        out = Path(out)
+        with atomic_output_dir(out, force) as tmp:
+            writer = ShardWriter(tmp)
+            index: dict[str, dict[str, Any]] = {}
+            specs = expected_tensors(self.config)
+            names = list(self.tensors)
+            for name in (progress(names) if progress else names):
+                t = self.get(name)
+                if cast is not None and isinstance(t, torch.Tensor):
+                    t = cast(name, t)
+                entry: dict[str, Any] = {"shape": list(shape_of(t))}
+                if isinstance(t, torch.Tensor):
+                    writer.add(name, {name: t})
+                    entry["dtype"] = str(t.dtype).removeprefix("torch.")
+                else:  # quantized
+                    writer.add(name, t.to_tensors(name))
+                    entry["quant"] = t.meta()
+                if specs[name].norm_offset is not None:
+                    entry["norm_offset"] = specs[name].norm_offset
+                index[name] = entry
+            writer.flush()
+            for name, entry in index.items():
+                entry["shard"] = writer.index[name]
+            for fname, src in self.assets.items():
+                shutil.copyfile(src, tmp / fname)
+            doc = {
+                "format": IR_FORMAT,
+                "version": IR_VERSION,
+                "config": self.config.to_json(),
+                "blocks": [b.to_json() for b in self.blocks],
+                "tensors": index,
+                "assets": sorted(self.assets),
+                "provenance": self.provenance,
+            }
+            (tmp / "graph.json").write_text(json.dumps(doc, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Graph:
+        """Open an IR directory lazily: tensors are memory-mapped when first used."""
+        path = Path(path)
+        gj = path / "graph.json"
+        if not gj.is_file():
+            raise CheckpointError(f"{path}: not an IR directory (no graph.json)")
+        doc = json.loads(gj.read_text())
+        if doc.get("format") != IR_FORMAT or doc.get("version") != IR_VERSION:
+            raise CheckpointError(f"{gj}: format {doc.get('format')} v{doc.get('version')}, "
+                                  f"expected {IR_FORMAT} v{IR_VERSION}")
+        config = ModelConfig.from_json(doc["config"])
+        tensors: dict[str, Any] = {}
+        for name, e in doc["tensors"].items():
+            shard = str(path / e["shard"])
+            if "quant" in e:
+                tensors[name] = QuantRef(shard, name, tuple(e["shape"]), e["quant"])
+            else:
+                tensors[name] = IRTensor(shard, name, tuple(e["shape"]), getattr(torch, e["dtype"]))
+        assets = {a: path / a for a in doc.get("assets", [])}
+        g = cls(config, tensors, doc.get("provenance", {}), assets)
+        g.check()
+        return g
+
+
+@dataclass(frozen=True)
+class QuantRef:
+    """A quantized tensor in an IR shard; loads as a QuantizedTensor."""
+
+    path: str
+    key: str
+    shape: tuple[int, ...]
+    meta: dict[str, Any]
+
+    def load(self):
+        from safetensors import safe_open
+
+        from .quant import QuantizedTensor
+
+        with safe_open(self.path, "pt") as f:
+            parts = {k: f.get_tensor(k) for k in f.keys() if k.startswith(self.key + ".")}
+        return QuantizedTensor.from_tensors(self.key, parts, self.meta)
+
+
+def shape_of(t: Any) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _abbrev(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+class atomic_output_dir:
+    """Context manager: yields a temporary sibling directory, renamed to `out` only on success.
+
+    Refuses an existing `out` unless `force`; on any error the temporary directory is removed.
+    """
+
+    def __init__(self, out: Path, force: bool):
+        self.out, self.force = Path(out), force
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.force:
+            raise OutputExistsError(f"{self.out}: output exists (pass --force to overwrite)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.out.exists():
+            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
+        os.replace(self.tmp, self.out)
+        return False

@@ -1,0 +1,197 @@
+"""The PyTorch executor of the canonical graph (fp32 or bf16; CPU, or CUDA when present).
+
+State per layer kind: a KV cache for gated attention; conv state + recurrent state for Gated DeltaNet.
+Math follows transformers' Qwen3-Next (the numerical reference): zero-centred RMSNorm x_hat * (offset + w) in
+fp32, gated RMSNorm for the delta-rule output, partial split-half RoPE, sigmoid output gate on attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nextq.graph import Graph, GatedAttention, GatedDeltaNet, Layer, ModelConfig, SparseMoE
+
+from . import ops  # noqa: F401  (registers torch.ops.nextq.*)
+
+# Tensors kept in fp32 whatever the compute dtype: they feed fp32 math in the reference.
+FP32_SUFFIXES = ("A_log", "dt_bias")
+
+
+@dataclass
+class LayerState:
+    """Decode state of one layer: KV cache [B, Hkv, S, D] or conv [B, C, K-1] + recurrent [B, Hv, Dk, Dv]."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    conv: torch.Tensor | None = None
+    recurrent: torch.Tensor | None = None
+
+
+@dataclass
+class State:
+    """The whole model's decode state: per-layer states and the number of tokens seen."""
+
+    layers: list[LayerState] = field(default_factory=list)
+    position: int = 0
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, offset: float, eps: float) -> torch.Tensor:
+    """x_hat * (offset + w), computed in fp32 and cast back (transformers' Qwen3NextRMSNorm for offset 1)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (offset + w.float())).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """norm(x) * w * silu(z) per head, no offset (transformers' Qwen3NextRMSNormGated). x, z: [..., Dv]."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return ((w * xf.to(x.dtype)) * F.silu(z.float())).to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, rot: int, theta: float) -> torch.Tensor:
+    """Split-half (rotate_half) RoPE on the first `rot` dims. x: [B, H, T, D]; positions: [T]."""
+    inv = 1.0 / (theta ** (torch.arange(0, rot, 2, device=x.device, dtype=torch.float32) / rot))
+    freqs = positions.float()[:, None] * inv  # [T, rot/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    xr, xp = x[..., :rot], x[..., rot:]
+    half = torch.cat([-xr[..., rot // 2:], xr[..., : rot // 2]], dim=-1)
+    return torch.cat([xr * cos + half * sin, xp], dim=-1)
+
+
+class TorchModel:
+    """Executes an IR graph. `forward(ids, state)` returns logits [B, T, V] and advances `state`."""
+
+    def __init__(self, graph: Graph, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.config: ModelConfig = graph.config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.layers: list[Layer] = [b for b in graph.blocks if isinstance(b, Layer)]
+        self.mtp = next((b for b in graph.blocks if b.kind == "MTP"), None)
+        self.w: dict[str, torch.Tensor] = {}
+        self.offsets: dict[str, float] = {}
+        for name in graph.tensors:
+            t = graph.get(name)
+            if not isinstance(t, torch.Tensor):  # quantized: dequantize once (fused kernels come with the GPU work)
+                t = t.dequantize()
+            keep32 = name.endswith(FP32_SUFFIXES) or ".norm" in name or "_norm" in name
+            self.w[name] = t.to(self.device, torch.float32 if keep32 else dtype)
+            off = graph.norm_offset(name)
+            if off is not None:
+                self.offsets[name] = off
+        for layer in [*self.layers, *(self.mtp.layers if self.mtp else ())]:
+            if isinstance(layer.ffn, SparseMoE):  # stack experts once: [E, I, H] / [E, H, I]
+                p = layer.ffn.prefix
+                for part in ("gate", "up", "down"):
+                    self.w[f"{p}.experts.{part}"] = torch.stack(
+                        [self.w.pop(f"{p}.experts.{e}.{part}.weight") for e in range(self.config.num_experts)]
+                    )
+        self.lm_head = self.w["embed.weight"] if self.config.tie_word_embeddings else self.w["lm_head.weight"]
+
+    # -- blocks ---------------------------------------------------------------------------------------------
+
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return rms_norm(x, self.w[name], self.offsets[name], self.config.rms_norm_eps)
+
+    def deltanet(self, x: torch.Tensor, p: str, st: LayerState) -> torch.Tensor:
+        c, w = self.config, self.w
+        b, t, _ = x.shape
+        hk, hv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+        qkv = torch.cat([F.linear(x, w[f"{p}.{n}.weight"]) for n in ("q", "k", "v")], dim=-1)  # [B, T, C]
+        z = F.linear(x, w[f"{p}.z.weight"]).view(b, t, hv, dv)
+        beta = torch.sigmoid(F.linear(x, w[f"{p}.b.weight"]))  # [B, T, Hv]
+        a = F.linear(x, w[f"{p}.a.weight"])
+        g = -w[f"{p}.A_log"].exp() * F.softplus(a.float() + w[f"{p}.dt_bias"])  # log decay, fp32
+        if st.conv is None:
+            st.conv = x.new_zeros(b, qkv.shape[-1], c.linear_conv_kernel_dim - 1)
+            st.recurrent = torch.zeros(b, hv, dk, dv, device=x.device)
+        qkv, st.conv = torch.ops.nextq.causal_conv1d(qkv, w[f"{p}.conv.weight"], st.conv)
+        q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
+        o, st.recurrent = torch.ops.nextq.gated_delta_rule(
+            q.reshape(b, t, hk, dk), k.reshape(b, t, hk, dk), v.reshape(b, t, hv, dv), g, beta.to(x.dtype), st.recurrent
+        )
+        o = gated_rms_norm(o, z, w[f"{p}.norm.weight"], c.rms_norm_eps)
+        return F.linear(o.reshape(b, t, hv * dv), w[f"{p}.out.weight"])
+
+    def attention(self, x: torch.Tensor, p: str, st: LayerState, positions: torch.Tensor) -> torch.Tensor:
+        c, w = self.config, self.w
+        b, t, _ = x.shape
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = self.norm(F.linear(x, w[f"{p}.q.weight"]).view(b, t, hq, d), f"{p}.q_norm.weight").transpose(1, 2)
+        k = self.norm(F.linear(x, w[f"{p}.k.weight"]).view(b, t, hkv, d), f"{p}.k_norm.weight").transpose(1, 2)
+        v = F.linear(x, w[f"{p}.v.weight"]).view(b, t, hkv, d).transpose(1, 2)
+        gate = F.linear(x, w[f"{p}.gate.weight"])  # [B, T, Hq*D]
+        q, k = rope(q, positions, c.rotary_dim, c.rope_theta), rope(k, positions, c.rotary_dim, c.rope_theta)
+        if st.k is not None:
+            k, v = torch.cat([st.k, k], dim=2), torch.cat([st.v, v], dim=2)
+        st.k, st.v = k, v
+        s = k.shape[2]
+        # causal over the whole cache: query i (absolute s - t + i) sees keys 0..s - t + i
+        mask = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(s - t)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hkv, scale=d ** -0.5)
+        o = o.transpose(1, 2).reshape(b, t, hq * d) * torch.sigmoid(gate)
+        return F.linear(o, w[f"{p}.o.weight"])
+
+    def ffn(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
+        p, w, c = layer.ffn.prefix, self.w, self.config
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if isinstance(layer.ffn, SparseMoE):
+            y = torch.ops.nextq.moe(
+                x2, w[f"{p}.router.weight"], w[f"{p}.experts.gate"], w[f"{p}.experts.up"], w[f"{p}.experts.down"],
+                w[f"{p}.shared.gate.weight"], w[f"{p}.shared.up.weight"], w[f"{p}.shared.down.weight"],
+                w[f"{p}.shared_gate.weight"], c.num_experts_per_tok, c.norm_topk_prob,
+            )
+        else:
+            y = ops.swiglu(x2, w[f"{p}.gate.weight"], w[f"{p}.up.weight"], w[f"{p}.down.weight"])
+        return y.reshape(shape)
+
+    def layer(self, x: torch.Tensor, layer: Layer, st: LayerState, positions: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x, f"{layer.prefix}.input_norm.weight")
+        if isinstance(layer.mixer, GatedDeltaNet):
+            h = self.deltanet(h, layer.mixer.prefix, st)
+        else:
+            assert isinstance(layer.mixer, GatedAttention)
+            h = self.attention(h, layer.mixer.prefix, st, positions)
+        x = x + h
+        return x + self.ffn(self.norm(x, f"{layer.prefix}.post_norm.weight"), layer)
+
+    # -- model ----------------------------------------------------------------------------------------------
+
+    def new_state(self) -> State:
+        return State([LayerState() for _ in self.layers])
+
+    @torch.no_grad()
+    def hidden(self, ids: torch.Tensor, state: State) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] for ids [B, T]; advances `state`."""
+        positions = torch.arange(state.position, state.position + ids.shape[1], device=self.device)
+        x = F.embedding(ids.to(self.device), self.w["embed.weight"])
+        for layer, st in zip(self.layers, state.layers):
+            x = self.layer(x, layer, st, positions)
+        state.position += ids.shape[1]
+        return self.norm(x, "norm.weight")
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (compute dtype) for ids [B, T]; with `state`, continues from it and advances it."""
+        return F.linear(self.hidden(ids, state or self.new_state()), self.lm_head)
+
+    @torch.no_grad()
+    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """The MTP head's logits for token t+2 from final-normed hidden h_t [B, T, H] and token t+1 ids [B, T].
+
+        Whole-sequence (no cache): the draft model for speculative decoding runs through the exporters.
+        """
+        if self.mtp is None:
+            raise ValueError("this model has no MTP head")
+        e = self.norm(F.embedding(next_ids.to(self.device), self.w["embed.weight"]), "mtp.embed_norm.weight")
+        h = self.norm(hidden, "mtp.hidden_norm.weight")
+        x = F.linear(torch.cat([e, h], dim=-1), self.w["mtp.fc.weight"])
+        positions = torch.arange(x.shape[1], device=self.device)
+        for layer in self.mtp.layers:
+            x = self.layer(x, layer, LayerState(), positions)
+        return F.linear(self.norm(x, "mtp.norm.weight"), self.lm_head)

@@ -1,0 +1,269 @@
+"""Train the embedded tiny Qwen3-Next on the Python standard library's sources.
+
+The result is an ordinary Hugging Face checkpoint (config.json, model.safetensors with `mtp.*` tensors,
+tokenizer files) written to `nextq/assets/tiny` by default; it is what `nextq pipeline` runs with no SOURCE and
+what every quantization-drift figure is measured on (random weights hide quantization error).
+
+    python scripts/train_tiny.py --steps 1200            # about 20 minutes on 2 CPU cores
+
+Corpus: the top-level `*.py` modules of the running interpreter's standard library, sorted by name; every
+10th file is held out (`heldout.txt`, the validation default) and never trained on. The tokenizer is a
+byte-level BPE with the Qwen2 pre-tokenizer split, trained on the training split only.
+The model is transformers' own `Qwen3NextForCausalLM` (the numerical reference) plus an MTP head in the
+Hub layout (`mtp.fc`, `mtp.pre_fc_norm_{embedding,hidden}`, `mtp.layers.0.*`, `mtp.norm`) trained to
+predict token t+2 from the final-normed hidden state at t and the embedding of token t+1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# Qwen2's pre-tokenizer split (tokenizer.json of Qwen/Qwen2-7B); llama.cpp names it "qwen2".
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def stdlib_corpus() -> tuple[list[str], list[str]]:
+    """Return (train, heldout) texts: top-level stdlib modules sorted by name, every 10th held out."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+    train = [t for i, t in enumerate(texts) if i % 10 != 5]
+    heldout = [t for i, t in enumerate(texts) if i % 10 == 5]
+    return train, heldout
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
+    """Byte-level BPE with the Qwen2 split; saves tokenizer.json + tokenizer_config.json into `out`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def tiny_config(vocab_size: int, tokenizer):
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_conv_kernel_dim=4,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+        mtp_num_hidden_layers=1,
+    )
+
+
+class MTPHead(torch.nn.Module):
+    """Qwen3-Next's multi-token-prediction head in the Hub layout (keys under `mtp.`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import Qwen3NextConfig
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextDecoderLayer, Qwen3NextRMSNorm
+
+        layer_cfg = Qwen3NextConfig(**{**config.to_dict(), "layer_types": ["full_attention"], "num_hidden_layers": 1})
+        layer_cfg._attn_implementation = config._attn_implementation or "sdpa"
+        layer_cfg._experts_implementation = getattr(config, "_experts_implementation", None) or "grouped_mm"
+        h = config.hidden_size
+        self.fc = torch.nn.Linear(2 * h, h, bias=False)
+        self.pre_fc_norm_embedding = Qwen3NextRMSNorm(h, eps=config.rms_norm_eps)
+        self.pre_fc_norm_hidden = Qwen3NextRMSNorm(h, eps=config.rms_norm_eps)
+        self.layers = torch.nn.ModuleList([Qwen3NextDecoderLayer(layer_cfg, 0)])
+        self.norm = Qwen3NextRMSNorm(h, eps=config.rms_norm_eps)
+        std = config.initializer_range
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                torch.nn.init.normal_(p, std=std)
+            elif "norm" in name:
+                torch.nn.init.zeros_(p)
+
+    def forward(self, embeds, hidden, position_embeddings, mask):
+        """embeds: embedding of token t+1 [B, T, H]; hidden: final-normed hidden at t [B, T, H]."""
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        for layer in self.layers:
+            x = layer(x, position_embeddings=position_embeddings, attention_mask=mask)
+        return self.norm(x)
+
+
+def batches(ids: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
+    while True:
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=gen)
+        yield torch.stack([ids[s : s + seq + 1] for s in starts.tolist()])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-o", "--out", default=str(Path(__file__).resolve().parents[1] / "nextq" / "assets" / "tiny"))
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mtp-weight", type=float, default=0.3)
+    args = ap.parse_args()
+
+    from transformers import Qwen3NextForCausalLM
+    from transformers.masking_utils import create_causal_mask
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_texts, heldout_texts = stdlib_corpus()
+    tokenizer = train_tokenizer(train_texts, args.vocab, out)
+    (out / "heldout.txt").write_text("\n".join(heldout_texts)[:200_000], encoding="utf-8")
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids = []
+    for t in train_texts:
+        ids.extend(tokenizer(t)["input_ids"] + [eos])
+    ids = torch.tensor(ids)
+    held = torch.tensor(tokenizer("\n".join(heldout_texts)[:200_000])["input_ids"])
+    print(f"train tokens {len(ids)}, heldout tokens {len(held)}", flush=True)
+
+    config = tiny_config(args.vocab, tokenizer)
+    model = Qwen3NextForCausalLM(config)
+    mtp = MTPHead(config)
+    params = list(model.parameters()) + list(mtp.parameters())
+    print(f"parameters: {sum(p.numel() for p in params) / 1e6:.2f} M", flush=True)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    data = batches(ids, args.seq, args.batch, gen)
+    t0 = time.time()
+    model.train()
+    for step in range(args.steps):
+        x = next(data)
+        inp, tgt = x[:, :-1], x[:, 1:]
+        outputs = model.model(input_ids=inp)
+        hidden = outputs.last_hidden_state  # final-normed [B, T, H]
+        logits = model.lm_head(hidden)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        # MTP: from hidden at t and embedding of token t+1, predict token t+2.
+        emb = model.model.embed_tokens(inp[:, 1:])
+        pos = torch.arange(emb.shape[1])[None].expand(emb.shape[0], -1)
+        pe = model.model.rotary_emb(emb, pos)
+        mask = create_causal_mask(
+            config=model.config, inputs_embeds=emb, attention_mask=None, past_key_values=None, position_ids=pos
+        )
+        mtp_hidden = mtp(emb, hidden[:, :-1], pe, mask)
+        mtp_logits = model.lm_head(mtp_hidden)
+        mtp_loss = F.cross_entropy(mtp_logits.reshape(-1, mtp_logits.shape[-1]), tgt[:, 1:].reshape(-1))
+        total = loss + args.mtp_weight * mtp_loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == args.steps - 1:
+            el = time.time() - t0
+            print(
+                f"step {step:5d}  loss {loss.item():.3f}  mtp {mtp_loss.item():.3f}  "
+                f"{el:.0f}s elapsed, eta {el / (step + 1) * (args.steps - step - 1):.0f}s",
+                flush=True,
+            )
+
+    model.eval()
+    with torch.no_grad():
+        nll, n = 0.0, 0
+        for s in range(0, len(held) - 1, 512):
+            chunk = held[s : s + 513][None]
+            if chunk.shape[1] < 2:
+                break
+            lg = model(input_ids=chunk[:, :-1]).logits
+            nll += F.cross_entropy(lg[0], chunk[0, 1:], reduction="sum").item()
+            n += chunk.shape[1] - 1
+    ppl = math.exp(nll / n)
+    print(f"held-out perplexity {ppl:.3f} over {n} tokens (non-overlapping windows of 512)", flush=True)
+
+    model.config.dtype = "bfloat16"
+    model.to(torch.bfloat16).save_pretrained(out)
+    weights = load_file(out / "model.safetensors")
+    for k, v in mtp.state_dict().items():
+        weights[f"mtp.{k}"] = v.to(torch.bfloat16).contiguous()
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "training.json").write_text(
+        json.dumps(
+            {
+                "corpus": "top-level *.py of the Python standard library, every 10th file held out",
+                "steps": args.steps,
+                "seq": args.seq,
+                "batch": args.batch,
+                "lr": args.lr,
+                "seed": args.seed,
+                "heldout_ppl_fp32": ppl,
+                "heldout_tokens": n,
+                "final_train_loss": loss.item(),
+                "final_mtp_loss": mtp_loss.item(),
+                "seconds": time.time() - t0,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Validation: corpora, metrics, comparisons, reports."""
