@@ -1,0 +1,38 @@
+"""The `nextq` command: mounts each area's commands and turns nextq errors into one clear line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import NextqError
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NextqError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nextq")
+def main():
+    """Convert, quantize, export, run, validate and publish Qwen3-Next checkpoints."""
+
+
+def _mount():
+    from .convert.cli import convert_cmd
+    from .inspect import inspect_cmd
+    from .pipeline import pipeline_cmd
+    from .runtime.cli import run_cmd
+
+    for cmd in (convert_cmd, run_cmd, inspect_cmd, pipeline_cmd):
+        main.add_command(cmd)
+
+
+_mount()
