@@ -27,11 +27,12 @@ def main():
 
 def _mount():
     from .convert.cli import convert_cmd
+    from .convert.export_cli import export_group
     from .inspect import inspect_cmd
     from .pipeline import pipeline_cmd
     from .runtime.cli import run_cmd
 
-    for cmd in (convert_cmd, run_cmd, inspect_cmd, pipeline_cmd):
+    for cmd in (convert_cmd, export_group, run_cmd, inspect_cmd, pipeline_cmd):
         main.add_command(cmd)
 
 

@@ -50,11 +50,22 @@ def infer_backend(path: Path) -> str:
     )
 
 
+# Backends living in their exporter's area, imported on first use (their engines are heavy imports).
+BACKEND_MODULES = {"llama.cpp": "nextq.runtime.llama_cpp", "ort": "nextq.runtime.ort"}
+
+
 def load(path: str | Path, backend: str | None = None, device: str = "cpu", **kwargs) -> Model:
     path = Path(path)
     if not path.exists():
         raise BackendError(f"{path}: no such file or directory")
     name = backend or infer_backend(path)
+    if name not in BACKENDS and name in BACKEND_MODULES:
+        import importlib
+
+        try:
+            importlib.import_module(BACKEND_MODULES[name])
+        except ModuleNotFoundError as e:
+            raise BackendError(f"backend {name!r} needs {e.name!r}, which is not installed") from None
     if name not in BACKENDS:
         raise BackendError(f"backend {name!r} is not available; available: {sorted(BACKENDS)}")
     return BACKENDS[name](path, device=device, **kwargs)

@@ -1,0 +1,10 @@
+"""`nextq export FORMAT IR -o OUT`: the export group; each writer module contributes its subcommand."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group("export")
+def export_group():
+    """Export an IR directory to another engine's format."""
