@@ -113,7 +113,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         for t in tensors.values():
             t = t.contiguous()
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy
 
 
 class ShardWriter:
