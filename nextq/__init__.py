@@ -16,13 +16,17 @@ def load(path, backend: str | None = None, device: str = "cpu", **kwargs):
 
 
 def read(source, revision: str | None = None):
-    """The canonical graph of an IR directory or a Hugging Face checkpoint (local dir or Hub repo id)."""
+    """The canonical graph of an IR directory, a .gguf file or a Hugging Face checkpoint (local dir or Hub repo id)."""
     from pathlib import Path
 
     from .graph import Graph
 
     if (Path(source) / "graph.json").is_file():
         return Graph.load(source)
+    if Path(source).suffix == ".gguf":
+        from .convert.gguf_import import read_gguf
+
+        return read_gguf(source)
     from .convert.hf import read_hf
 
     return read_hf(str(source), revision)

@@ -1,0 +1,403 @@
+"""`nextq export gguf IR -o FILE.gguf`: the canonical graph as a GGUF file that llama.cpp's `qwen3next` loads.
+
+Written with gguf-py's GGUFWriter in its streaming order (header, key/values, tensor infos, then tensor data one
+by one), so memory stays bounded by the largest GGUF tensor (one layer's stacked experts). Layouts and names come
+from `gguf_names`; this module decides types, encodes data and writes.
+
+Types. `--type` applies to dense (float) weights: `auto` keeps each weight's IR dtype (f32/f16/bf16), or pick
+f32|f16|bf16|q8_0|q4_0|q4_1. Quantized IR weights map onto the GGUF type with the same math, copied bit for bit:
+    int4_sym_g32 -> Q4_0    int4_asym_g32 -> Q4_1    int8_g32 -> Q8_0    (f32/f16/bf16 pass-through -> same)
+Other schemes are re-quantized to the nearest GGUF type (int4 g64/g128 -> Q4_0/Q4_1, int8_channel -> Q8_0) with a
+printed warning giving the measured extra error; fp8 has no GGUF type and is refused unless `--requantize q8_0`
+or `--requantize bf16` is given. Norms, the router, the shared-expert gate, the conv kernel and 1-D tensors are
+always F32 (llama.cpp's converter rule).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from nextq.console import console, progress_iter
+from nextq.errors import CheckpointError, OutputExistsError, UnsupportedModelError
+from nextq.graph import Graph
+
+from . import gguf_names as names
+
+GGML_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+# GGUF type of a quantized IR scheme with identical math (copied without re-quantizing)
+NATIVE = {"int4_sym_g32": "q4_0", "int4_asym_g32": "q4_1", "int8_g32": "q8_0", "f32": "f32", "f16": "f16",
+          "bf16": "bf16"}
+# nearest GGUF type for schemes without an identical one (re-quantized, with a warning)
+NEAREST = {"int4_sym_g64": "q4_0", "int4_sym_g128": "q4_0", "int4_asym_g64": "q4_1", "int4_asym_g128": "q4_1",
+           "int8_channel": "q8_0"}
+NO_GGUF_TYPE = ("fp8_channel", "fp8_block128")
+# most precise first: a GGUF tensor built from sources of different types takes the most precise one
+PRECISION = ("f32", "f16", "bf16", "q8_0", "q4_1", "q4_0")
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}  # llama_ftype
+QWEN2_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QUANT_BLOCK = 32  # Q8_0 / Q4_0 / Q4_1 block length along K
+
+
+def ggml_type(t: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[t.upper()]
+
+
+# ---- encoding: float32 rows -> GGUF rows of a type; quantized IR tensors -> their native blocks ---------------
+
+def encode_float(x: torch.Tensor, t: str) -> np.ndarray:
+    """float tensor `[..., K]` -> GGUF data: float32/float16 arrays, or uint8 rows for bf16 and block types."""
+    from nextq.quant import quantize, to_gguf_q4_0_blocks, to_gguf_q4_1_blocks, to_gguf_q8_0_blocks
+
+    if t == "f32":
+        return x.to(torch.float32).contiguous().numpy()
+    if t == "f16":
+        return x.to(torch.float16).contiguous().numpy()
+    if t == "bf16":  # round to nearest even, as ggml_fp32_to_bf16
+        return x.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    scheme, blocks = {"q8_0": ("int8_g32", to_gguf_q8_0_blocks), "q4_0": ("int4_sym_g32", to_gguf_q4_0_blocks),
+                      "q4_1": ("int4_asym_g32", to_gguf_q4_1_blocks)}[t]
+    rows = x.reshape(-1, x.shape[-1])
+    return blocks(quantize(rows, scheme)).reshape(*x.shape[:-1], -1)
+
+
+def encode_native(qt: Any, t: str) -> np.ndarray:
+    """A QuantizedTensor whose scheme is identical to GGUF type t -> its GGUF rows, no arithmetic on values."""
+    from nextq.quant import to_gguf_q4_0_blocks, to_gguf_q4_1_blocks, to_gguf_q8_0_blocks
+
+    if t in ("f32", "f16", "bf16"):
+        return encode_float(qt.data, t)  # pass-through schemes hold the weight in that dtype already
+    return {"q8_0": to_gguf_q8_0_blocks, "q4_0": to_gguf_q4_0_blocks, "q4_1": to_gguf_q4_1_blocks}[t](qt)
+
+
+def decode(data: np.ndarray, t: str) -> np.ndarray:
+    """GGUF data of type t -> float32 (gguf-py's reference dequantizers)."""
+    from gguf.quants import dequantize
+
+    return dequantize(data, ggml_type(t)).astype(np.float32)
+
+
+def rel_rms(a: np.ndarray, ref: np.ndarray) -> float:
+    """||a - ref|| / ||ref|| (0 when ref is all zero and a equals it)."""
+    den = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2)))
+    num = float(np.sqrt(np.mean((a.astype(np.float64) - ref) ** 2)))
+    return num / den if den else num
+
+
+# ---- options and per-tensor type choice ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    """Export options (the click flags, one to one)."""
+
+    type: str = "auto"  # dense weights: auto | f32 | f16 | bf16 | q8_0 | q4_0 | q4_1
+    requantize: str | None = None  # force quantized IR weights to this GGUF type (measured error printed)
+
+    def __post_init__(self):
+        if self.type not in ("auto", *GGML_TYPES):
+            raise UnsupportedModelError(f"--type {self.type!r}: supported: auto, {', '.join(GGML_TYPES)}")
+        if self.requantize is not None and self.requantize not in GGML_TYPES:
+            raise UnsupportedModelError(f"--requantize {self.requantize!r}: supported: {', '.join(GGML_TYPES)}")
+
+
+def describe(t: Any) -> tuple[str, str]:
+    """('dense', dtype) or ('quant', scheme) of a graph tensor without loading it."""
+    if hasattr(t, "meta") and isinstance(getattr(t, "meta"), dict):  # QuantRef
+        return "quant", t.meta["scheme"]
+    if hasattr(t, "scheme"):  # QuantizedTensor
+        return "quant", t.scheme
+    return "dense", str(t.dtype).removeprefix("torch.")
+
+
+DENSE_AUTO = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+def source_type(name: str, kind: tuple[str, str], opts: GGUFOptions) -> str:
+    """The GGUF type one canonical source asks for."""
+    what, x = kind
+    if what == "dense":
+        if opts.type != "auto":
+            return opts.type
+        return DENSE_AUTO.get(x, "f32")
+    if x in NATIVE:
+        return NATIVE[x]
+    if opts.requantize is not None:
+        return opts.requantize
+    if x in NEAREST:
+        return NEAREST[x]
+    if x in NO_GGUF_TYPE:
+        raise UnsupportedModelError(
+            f"{name}: scheme {x} is fp8, and GGUF has no fp8 type; re-export with --requantize q8_0 "
+            "(8.5 bits/weight, the extra error is measured and printed) or --requantize bf16 (16 bits/weight)")
+    raise UnsupportedModelError(f"{name}: quantization scheme {x!r} has no GGUF mapping; supported: "
+                                f"{sorted(NATIVE) + sorted(NEAREST)}")
+
+
+def choose_type(pt: names.PlannedTensor, graph: Graph, opts: GGUFOptions, k: int) -> str:
+    if pt.rule.force_f32:
+        return "f32"
+    wanted = {source_type(s, describe(graph.tensors[s]), opts) for s in pt.sources}
+    t = min(wanted, key=PRECISION.index)
+    if t.startswith("q") and k % QUANT_BLOCK:  # as llama.cpp's converter: rows that do not fill blocks -> F16
+        console.print(f"[yellow]warning:[/] {pt.name}: row length {k} is not a multiple of {QUANT_BLOCK}; "
+                      f"writing F16 instead of {t.upper()}", soft_wrap=True)
+        return "f16"
+    return t
+
+
+# ---- the plan --------------------------------------------------------------------------------------------------
+
+def check_representable(graph: Graph) -> None:
+    problems = names.unsupported(graph.config)
+    if problems:
+        raise UnsupportedModelError("llama.cpp cannot represent this model: " + "; ".join(problems))
+
+
+def layer_kinds(graph: Graph) -> list[tuple[str, str, str]]:
+    out = []
+    for b in graph.blocks:
+        if b.kind == "Layer":
+            out.append((b.prefix, b.mixer.kind, b.ffn.kind))
+        elif b.kind == "MTP":
+            out += [(layer.prefix, layer.mixer.kind, layer.ffn.kind) for layer in b.layers]
+    return out
+
+
+@dataclass
+class Entry:
+    pt: names.PlannedTensor
+    type: str
+    shape: tuple[int, ...]  # numpy order of the logical (float) tensor
+
+
+def plan(graph: Graph, opts: GGUFOptions) -> list[Entry]:
+    """Every GGUF tensor with its type and logical shape, computed without loading tensor data."""
+    c = graph.config
+    out = []
+    for pt in names.plan_tensors(c, layer_kinds(graph)):
+        shapes = [tuple(graph.tensors[s].shape) for s in pt.sources]
+        if len(shapes[0]) == 1:
+            shape = shapes[0]
+        else:  # row layouts do not look at columns: run them on one column to get the row shape
+            rows = pt.rule.pack(c, [np.zeros((s[0], 1), np.float32) for s in shapes])
+            shape = (*rows.shape[:-1], shapes[0][-1])
+        out.append(Entry(pt, choose_type(pt, graph, opts, shape[-1]), shape))
+    return out
+
+
+def byte_layout(e: Entry) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(array shape, numpy dtype, nbytes) of the data written for an entry."""
+    import gguf
+
+    if e.type in ("f32", "f16"):
+        dt = np.dtype(np.float32 if e.type == "f32" else np.float16)
+        return e.shape, dt, int(np.prod(e.shape)) * dt.itemsize
+    shape = tuple(gguf.quant_shape_to_byte_shape(e.shape, ggml_type(e.type)))
+    return shape, np.dtype(np.uint8), int(np.prod(shape))
+
+
+# ---- tensor data ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Requant:
+    """Extra error of re-quantized tensors, per (scheme -> GGUF type)."""
+
+    errors: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def report(self) -> None:
+        for (scheme, t), errs in sorted(self.errors.items()):
+            console.print(f"[yellow]warning:[/] re-quantized {len(errs)} {scheme} tensors to {t.upper()} (no "
+                          f"identical GGUF type); extra error relative RMS vs the IR's dequantized weights: "
+                          f"mean {np.mean(errs):.3e}, max {np.max(errs):.3e}", soft_wrap=True)
+
+
+def source_data(name: str, t: Any, target: str, requant: Requant) -> np.ndarray:
+    """One canonical tensor as GGUF rows of `target` (quantized tensors copied when identical)."""
+    if not hasattr(t, "scheme"):
+        return encode_float(t, target)
+    if NATIVE.get(t.scheme) == target:
+        return encode_native(t, target)
+    ref = t.dequantize()  # float32 [N, K]
+    data = encode_float(ref, target)
+    err = rel_rms(decode(data, target), ref.numpy())
+    if err > 0:
+        requant.errors[(t.scheme, target)].append(err)
+    return data
+
+
+def tensor_data(graph: Graph, e: Entry, requant: Requant) -> np.ndarray:
+    rule, c = e.pt.rule, graph.config
+    parts = []
+    for s in e.pt.sources:
+        t = graph.get(s)
+        if rule.norm:
+            t = t.to(torch.float32) + graph.norm_offset(s)  # llama.cpp multiplies by the stored weight
+        parts.append(source_data(s, t, e.type, requant))
+    data = rule.pack(c, parts)
+    if rule.value is not None:
+        data = rule.value[0](data)
+    return np.ascontiguousarray(data)
+
+
+# ---- metadata & tokenizer ------------------------------------------------------------------------------------
+
+def write_metadata(w, graph: Graph, entries: list[Entry], name: str) -> None:
+    import gguf
+
+    c = graph.config
+    w.add_type("model")
+    w.add_name(name)
+    for m in names.METADATA:
+        v = m.value(c)
+        if m.key in names.OPTIONAL_KEYS and not v:
+            continue
+        key = f"{names.ARCH}.{m.key}"
+        if m.kind == names.U32:
+            w.add_uint32(key, int(v))
+        elif m.kind == names.F32:
+            w.add_float32(key, float(v))
+        else:
+            w.add_key_value(key, list(v), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.BOOL)
+    weights = defaultdict(int)
+    for e in entries:
+        if not e.pt.rule.force_f32 and len(e.shape) >= 2:
+            weights[e.type] += int(np.prod(e.shape))
+    w.add_file_type(FILE_TYPES[max(weights, key=weights.get)] if weights else 0)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def looks_special(token: str) -> bool:
+    """llama.cpp's converter marks `<|...|>` added tokens as control tokens even when not flagged special."""
+    return token.startswith("<|") and token.endswith("|>")
+
+
+def write_tokenizer(w, graph: Graph) -> None:
+    """gpt2 (byte-level BPE) vocabulary with the qwen2 pre-tokenizer, merges, special ids and chat template."""
+    import gguf
+
+    c = graph.config
+    if "tokenizer.json" not in graph.assets:
+        raise CheckpointError("IR has no tokenizer.json; llama.cpp needs the vocabulary inside the GGUF")
+    tok_path = Path(graph.assets["tokenizer.json"])
+    tj = json.loads(tok_path.read_text(encoding="utf-8"))
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise UnsupportedModelError(f"tokenizer.json model.type={model.get('type')!r}, supported: ['BPE']")
+    regexes = [p.get("pattern", {}).get("Regex") for p in (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])]
+    if QWEN2_PRETOKENIZER not in regexes:
+        raise UnsupportedModelError(
+            f"tokenizer.json pre_tokenizer split regex {regexes} is not Qwen2's; llama.cpp would tokenize with "
+            f"'qwen2' ({QWEN2_PRETOKENIZER!r}) and disagree")
+    by_id: dict[int, tuple[str, int]] = {i: (s, gguf.TokenType.NORMAL) for s, i in model["vocab"].items()}
+    for t in tj.get("added_tokens", []):
+        special = t.get("special") or looks_special(t["content"])
+        by_id[t["id"]] = (t["content"], gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+    if by_id and max(by_id) >= c.vocab_size:
+        raise CheckpointError(f"tokenizer.json: token id {max(by_id)} >= vocab_size={c.vocab_size} (embedding rows)")
+    tokens = [by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(c.vocab_size)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list([s for s, _ in tokens])
+    w.add_token_types([int(t) for _, t in tokens])
+    special = gguf.SpecialVocab(tok_path.parent, load_merges=True, n_vocab=c.vocab_size)
+    if "chat_template.jinja" in graph.assets and special.chat_template is None:
+        special.chat_template = Path(graph.assets["chat_template.jinja"]).read_text(encoding="utf-8")
+    for typ, tid in (("bos", c.bos_token_id), ("eos", c.eos_token_id), ("pad", c.pad_token_id)):
+        tid = tid[0] if isinstance(tid, tuple) else tid  # config.json fallback, as SpecialVocab reads it
+        if typ not in special.special_token_ids and tid is not None and 0 <= tid < c.vocab_size:
+            special.special_token_ids[typ] = tid
+    special.add_to_gguf(w, quiet=True)
+
+
+# ---- the writer ----------------------------------------------------------------------------------------------
+
+class atomic_output_file:
+    """Yields a temporary sibling path, renamed to `out` on success; refuses an existing `out` without force."""
+
+    def __init__(self, out: Path, force: bool):
+        self.out, self.force = Path(out), force
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.force:
+            raise OutputExistsError(f"{self.out}: output exists (pass --force to overwrite)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return False
+        os.replace(self.tmp, self.out)
+        return False
+
+
+def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions(), force: bool = False,
+                name: str | None = None, progress: bool = False, vocab_only: bool = False) -> dict[str, int]:
+    """Write `graph` as a qwen3next GGUF at `out` (atomic). Returns the count of tensors per GGUF type.
+
+    vocab_only: metadata and tokenizer without tensors (llama.cpp opens such files with vocab_only=True).
+    """
+    import gguf
+
+    check_representable(graph)
+    if not vocab_only:
+        graph.check()
+    entries = [] if vocab_only else plan(graph, opts)
+    out = Path(out)
+    requant = Requant()
+    name = name or Path(str(graph.provenance.get("source") or out.stem)).name
+    with atomic_output_file(out, force) as tmp:
+        w = gguf.GGUFWriter(tmp, names.ARCH)
+        write_metadata(w, graph, entries, name)
+        write_tokenizer(w, graph)
+        for e in entries:
+            shape, dt, nbytes = byte_layout(e)
+            w.add_tensor_info(e.pt.name, shape, dt, nbytes, raw_dtype=None if e.type in ("f32", "f16")
+                              else ggml_type(e.type))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for e in (progress_iter(entries, "writing gguf") if progress else entries):
+            data = tensor_data(graph, e, requant)
+            want, dt, _ = byte_layout(e)
+            if data.shape != want or data.dtype != dt:
+                raise CheckpointError(f"{e.pt.name}: produced {data.dtype} {list(data.shape)}, "
+                                      f"planned {dt} {list(want)}")
+            w.write_tensor_data(data)
+        w.close()
+    requant.report()
+    counts: dict[str, int] = defaultdict(int)
+    for e in entries:
+        counts[e.type] += 1
+    return dict(counts)
+
+
+@click.command("gguf")
+@click.argument("ir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="GGUF file to write.")
+@click.option("--type", "type_", type=click.Choice(["auto", *GGML_TYPES]), default="auto", show_default=True,
+              help="GGUF type of dense weights; auto keeps each weight's IR dtype.")
+@click.option("--requantize", type=click.Choice(GGML_TYPES),
+              help="Re-quantize quantized IR weights without an identical GGUF type to this type (the extra "
+                   "error is measured and printed); needed for fp8, which GGUF cannot hold.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def gguf_cmd(ir, output, type_, requantize, force):
+    """Export an IR directory as a GGUF file for llama.cpp (architecture qwen3next)."""
+    graph = Graph.load(ir)
+    counts = export_gguf(graph, output, GGUFOptions(type_, requantize), force=force, progress=True)
+    summary = ", ".join(f"{n} {t.upper()}" for t, n in sorted(counts.items()))
+    console.print(f"[green]wrote[/] {output}: {sum(counts.values())} tensors ({summary}), "
+                  f"{output.stat().st_size / 2**20:.1f} MiB")

@@ -1,0 +1,181 @@
+"""GGUF `qwen3next` -> the canonical graph (ours, or a file made by llama.cpp's convert_hf_to_gguf.py).
+
+The inverse of `gguf_export`, driven by the same declarative map (`gguf_names`): metadata -> ModelConfig, each GGUF
+tensor dequantized to float32 (gguf-py's reference dequantizers) and split back into canonical tensors by the
+inverse row layouts; norms get their offset removed, `ssm_a` becomes `A_log = log(-ssm_a)`.
+
+Exactness (F32 files): every tensor comes back bit for bit except two element-wise maps that the GGUF convention
+rounds at export: zero-centred norms are stored as fl(1 + w), so the imported w' = fl(1 + w) - 1 (exact
+subtraction) differs from w by at most half an ulp of 1.0 (6e-8) while 1 + w' equals the stored scale exactly;
+A_log = log(-fl(-exp(A_log))) is within a few float32 ulps. GGUF -> IR -> GGUF is bit-exact.
+Quantized GGUF tensors (Q4_0, Q8_0, ...) are imported dequantized to float32.
+The tokenizer is rebuilt as a Qwen2-style byte-level BPE tokenizer.json (+ tokenizer_config.json, chat template).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nextq.errors import CheckpointError, UnsupportedModelError
+from nextq.graph import Graph, ModelConfig, build_blocks
+
+from . import gguf_names as names
+from .gguf_export import QWEN2_PRETOKENIZER, layer_kinds
+
+
+def _f32(v: float) -> float:
+    """The shortest decimal that rounds to the same float32 (1e-06 stored as 9.99999997e-07 comes back as 1e-06)."""
+    return float(str(np.float32(v)))
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_config(reader, tensor_names: set[str]) -> ModelConfig:
+    """ModelConfig from the `qwen3next.*` keys (the inverse of gguf_names.METADATA)."""
+    arch = _field(reader, "general.architecture")
+    if arch != names.ARCH:
+        raise UnsupportedModelError(f"GGUF general.architecture={arch!r}, supported: [{names.ARCH!r}]")
+
+    def key(k: str, default: Any = None) -> Any:
+        v = _field(reader, f"{arch}.{k}", default)
+        if v is None:
+            raise CheckpointError(f"GGUF: missing metadata key {arch}.{k}")
+        return v
+
+    n_mtp = int(key("nextn_predict_layers", 0))
+    n_layers = int(key("block_count")) - n_mtp
+    recurrent = _field(reader, f"{arch}.attention.recurrent_layers")
+    if recurrent is None:  # older files: a full-attention period
+        interval = int(key("full_attention_interval", 4))
+        recurrent = [(i + 1) % interval != 0 for i in range(n_layers)]
+    head_dim = int(key("attention.key_length"))
+    hv = int(key("ssm.time_step_rank"))
+    token_id = {t: _field(reader, f"tokenizer.ggml.{t}_token_id") for t in ("bos", "eos", "padding")}
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return ModelConfig(
+        vocab_size=int(embd.shape[1]),
+        hidden_size=int(key("embedding_length")),
+        num_hidden_layers=n_layers,
+        layer_types=tuple("linear_attention" if r else "full_attention" for r in list(recurrent)[:n_layers]),
+        num_attention_heads=int(key("attention.head_count")),
+        num_key_value_heads=int(key("attention.head_count_kv")),
+        head_dim=head_dim,
+        rope_theta=_f32(key("rope.freq_base")),
+        partial_rotary_factor=int(key("rope.dimension_count")) / head_dim,
+        max_position_embeddings=int(key("context_length")),
+        linear_num_key_heads=int(key("ssm.group_count")),
+        linear_num_value_heads=hv,
+        linear_key_head_dim=int(key("ssm.state_size")),
+        linear_value_head_dim=int(key("ssm.inner_size")) // hv,
+        linear_conv_kernel_dim=int(key("ssm.conv_kernel")),
+        intermediate_size=int(key("feed_forward_length")),
+        num_experts=int(key("expert_count")),
+        num_experts_per_tok=int(key("expert_used_count")),
+        moe_intermediate_size=int(key("expert_feed_forward_length")),
+        shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length")),
+        norm_topk_prob=True,  # llama.cpp's qwen3next always renormalises
+        rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        mtp_num_hidden_layers=n_mtp,
+        bos_token_id=token_id["bos"],
+        eos_token_id=token_id["eos"],
+        pad_token_id=token_id["padding"],
+    )
+
+
+def _dequantized(t) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy order (reversed ggml ne)."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(x) for x in reversed(t.shape))
+    return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+
+def write_tokenizer_files(reader, out: Path) -> dict[str, Path]:
+    """tokenizer.json (Qwen2-style byte-level BPE), tokenizer_config.json and chat_template.jinja from the GGUF."""
+    model = _field(reader, "tokenizer.ggml.model")
+    if model is None:
+        return {}
+    if model != "gpt2":
+        raise UnsupportedModelError(f"GGUF tokenizer.ggml.model={model!r}, supported: ['gpt2']")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_field(reader, "tokenizer.ggml.token_type"))
+    merges = [m.split(" ", 1) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    vocab, added = {}, []
+    for i, (tok, typ) in enumerate(zip(tokens, types)):
+        if typ in (3, 4):  # CONTROL, USER_DEFINED
+            added.append({"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": typ == 3})
+        elif typ != 5:  # UNUSED padding rows are not tokens
+            vocab[tok] = i
+    tj = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_PRETOKENIZER}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for typ, field in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding")):
+        tid = _field(reader, f"tokenizer.ggml.{field}_token_id")
+        cfg[typ] = tokens[tid] if tid is not None else None
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+    files = {"tokenizer.json": out / "tokenizer.json", "tokenizer_config.json": out / "tokenizer_config.json"}
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+        files["chat_template.jinja"] = out / "chat_template.jinja"
+    return files
+
+
+def read_gguf(path: str | Path) -> Graph:
+    """Read a qwen3next GGUF into the canonical graph (tensors held in memory as float32)."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    reader = GGUFReader(path)
+    by_name = {t.name: t for t in reader.tensors}
+    config = read_config(reader, set(by_name))
+    graph = Graph(config, {})
+    plan = names.plan_tensors(config, layer_kinds(graph))
+    missing = sorted({pt.name for pt in plan} - set(by_name))
+    extra = sorted(set(by_name) - {pt.name for pt in plan})
+    if missing or extra:
+        raise CheckpointError(f"{path}: GGUF tensors missing {missing[:8]} / unexpected {extra[:8]} for the "
+                              "qwen3next layout of its metadata")
+    offsets = {}
+    for b in build_blocks(config):
+        offsets.update({k: v.norm_offset for k, v in b.tensor_specs(config).items()})
+    tensors: dict[str, torch.Tensor] = {}
+    for pt in plan:
+        data = _dequantized(by_name[pt.name])
+        if pt.rule.value is not None:
+            data = pt.rule.value[1](data)
+        for name, part in zip(pt.sources, pt.rule.unpack(config, data)):
+            t = torch.from_numpy(np.array(part, dtype=np.float32))  # a copy: reader memory is read-only
+            if pt.rule.norm:
+                t = t - offsets[name]  # exact: fl(1 + w) - 1 (Sterbenz)
+            tensors[name] = t
+    graph.tensors = tensors
+    graph.check()
+    graph.assets = write_tokenizer_files(reader, Path(tempfile.mkdtemp(prefix="nextq-gguf-tok-")))
+    graph.provenance = {"source": str(path), "format": "gguf", "architecture": names.ARCH}
+    return graph

@@ -1,0 +1,139 @@
+"""The `llama.cpp` backend: a .gguf file run by llama.cpp through llama-cpp-python.
+
+Numerics: llama.cpp keeps its KV cache in f16 by default, which alone moves logits by 4e-5..2e-4 relative on tiny
+models; this backend asks for an f32 cache (type_k = type_v = GGML_TYPE_F32) so that an F32 GGUF can be compared
+with transformers at ~1e-6. `n_batch = n_ubatch = n_ctx`, so `logits(ids)` is one llama_decode call (one ubatch)
+for a whole row; the hybrid model's recurrent state is cleared between rows.
+
+The tokenizer is the GGUF's own (llama.cpp's), wrapped in the small interface nextq's generation uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nextq.errors import BackendError
+
+from .backends import Model, register_backend
+
+GGML_TYPE_F32 = 0  # ggml.h enum ggml_type
+
+
+def trained_context(path: Path) -> int | None:
+    """`{arch}.context_length` of a GGUF (header only)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    arch = r.fields["general.architecture"].contents()
+    f = r.fields.get(f"{arch}.context_length")
+    return int(f.contents()) if f is not None else None
+
+
+class GGUFTokenizer:
+    """llama.cpp's tokenizer for a GGUF, with the slice of transformers' API that nextq uses."""
+
+    def __init__(self, llm):
+        import llama_cpp
+
+        self.llm = llm
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.eos_token_id = int(llm.token_eos()) if llm.token_eos() >= 0 else None
+        self.chat_template = llm.metadata.get("tokenizer.chat_template")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Special tokens in the text (<|im_start|>...) are parsed as such, as transformers does."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text, add_special_tokens)}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        data = self.llm.detokenize([int(i) for i in ids], special=not skip_special_tokens)
+        return data.decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, int(token)))
+
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False, **kw):
+        """Render the GGUF's chat template (Jinja, as transformers renders it)."""
+        if not self.chat_template:
+            raise BackendError("the GGUF has no tokenizer.chat_template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(self.chat_template).render(messages=messages,
+                                                          add_generation_prompt=add_generation_prompt, **kw)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+@register_backend("llama.cpp")
+class LlamaCppBackend(Model):
+    """A GGUF run by llama.cpp. ids [B, T] int64 -> float32 logits; prefill/decode keep one sequence (B = 1)."""
+
+    def __init__(self, path: Path, device: str = "cpu", n_ctx: int = 2048, n_threads: int | None = None,
+                 f32_cache: bool = True):
+        from llama_cpp import Llama
+
+        self.path, self.device = Path(path), device
+        n_ctx = min(n_ctx, trained_context(self.path) or n_ctx)  # past it llama.cpp only warns
+        if device not in ("cpu", "cuda"):
+            raise BackendError(f"device {device!r} is not supported by the llama.cpp backend; supported: cpu, cuda")
+        cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
+        try:
+            self.llm = Llama(str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                             n_gpu_layers=-1 if device == "cuda" else 0, n_threads=n_threads, verbose=False,
+                             **cache)
+        except (ValueError, RuntimeError) as e:
+            raise BackendError(f"{self.path}: llama.cpp could not load the model ({e})") from None
+        self.n_ctx = n_ctx
+        self.tokenizer = GGUFTokenizer(self.llm)
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """llama.cpp's end-of-generation tokens (eos, eot, <|im_end|>, ...)."""
+        if not hasattr(self, "_stop"):
+            self._stop = {i for i in range(self.llm.n_vocab()) if self.tokenizer.is_eog(i)} or super().stop_ids
+        return self._stop
+
+    def _eval(self, row: np.ndarray) -> np.ndarray:
+        """Feed ids [t] after what the context holds; returns their logits [t, V]."""
+        start = self.llm.n_tokens
+        if start + len(row) > self.n_ctx:
+            raise BackendError(f"sequence length {start + len(row)} exceeds n_ctx={self.n_ctx} "
+                               "(pass n_ctx= to nextq.load)")
+        self.llm.eval([int(i) for i in row])
+        return np.array(self.llm.scores[start:start + len(row)], dtype=np.float32)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        out = []
+        for row in ids:
+            self.llm.reset()
+            out.append(self._eval(row))
+        self.llm.reset()
+        return np.stack(out)
+
+    def _one(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise BackendError(f"llama.cpp backend decodes one sequence at a time: ids expected [1, T], got "
+                               f"{list(ids.shape)}")
+        return ids[0]
+
+    def prefill(self, ids):
+        row = self._one(ids)
+        self.llm.reset()
+        return self._eval(row)[-1:]
+
+    def decode(self, ids):
+        row = self._one(ids)
+        if self.llm.n_tokens == 0:
+            raise BackendError("decode before prefill")
+        return self._eval(row)[-1:]
+
+    def describe(self):
+        return {**super().describe(), "n_ctx": self.n_ctx}
