@@ -21,3 +21,11 @@ class OutputExistsError(NextqError):
 
 class BackendError(NextqError):
     """A backend cannot be chosen or cannot run the model."""
+
+
+class RecipeError(NextqError):
+    """A quantization recipe names an unknown tensor class or scheme, or a scheme a tensor cannot take."""
+
+
+class PublishError(NextqError):
+    """Publishing to the Hub cannot start or did not complete (token, repo id, artifacts, reports, upload)."""
