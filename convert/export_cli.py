@@ -8,3 +8,15 @@ import click
 @click.group("export")
 def export_group():
     """Export an IR directory to another engine's format."""
+
+
+def _mount() -> None:
+    from .gguf_export import gguf_cmd
+
+    export_group.add_command(gguf_cmd)
+    from .onnx_export import onnx_cmd
+
+    export_group.add_command(onnx_cmd)
+
+
+_mount()
