@@ -30,9 +30,13 @@ def _mount():
     from .convert.export_cli import export_group
     from .inspect import inspect_cmd
     from .pipeline import pipeline_cmd
+    from .publish import publish_cmd
+    from .quant.cli import quantize_cmd, recipes_cmd
     from .runtime.cli import run_cmd
+    from .validate.cli import validate_cmd
 
-    for cmd in (convert_cmd, export_group, run_cmd, inspect_cmd, pipeline_cmd):
+    for cmd in (convert_cmd, export_group, run_cmd, inspect_cmd, pipeline_cmd, validate_cmd, quantize_cmd, recipes_cmd,
+                publish_cmd):
         main.add_command(cmd)
 
 

@@ -36,3 +36,30 @@ def kl_divergence(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray
 def top1_agreement(ref_logits: np.ndarray, cand_logits: np.ndarray) -> float:
     """Fraction of positions where both pick the same most likely token."""
     return float((np.argmax(ref_logits, -1) == np.argmax(cand_logits, -1)).mean())
+
+
+def topk_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely tokens, sorted by probability. logits: [..., V] -> (ids [..., k] int32, log p [..., k])."""
+    lp = log_softmax(logits)
+    ids = np.argsort(-lp, axis=-1, kind="stable")[..., :k]
+    return ids.astype(np.int32), np.take_along_axis(lp, ids, axis=-1)
+
+
+def kl_divergence_topk(ref_ids: np.ndarray, ref_logprobs: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P_cand) from the reference's top-k only, the other V - k tokens merged into one "rest" bucket.
+
+    ref_ids, ref_logprobs: [..., k]; cand_logits: [..., V] -> [...] float64. Merging outcomes can only lower
+    KL (log-sum inequality), so this is a lower bound that is tight when the rest mass is small.
+    """
+    lq = np.take_along_axis(log_softmax(cand_logits), np.asarray(ref_ids, dtype=np.int64), axis=-1)
+    lp = np.asarray(ref_logprobs, dtype=np.float64)
+    head = (np.exp(lp) * (lp - lq)).sum(-1)
+    p_rest = np.clip(1.0 - np.exp(lp).sum(-1), 0.0, 1.0)
+    q_rest = np.clip(1.0 - np.exp(lq).sum(-1), 1e-300, 1.0)
+    tail = np.where(p_rest > 0, p_rest * (np.log(np.maximum(p_rest, 1e-300)) - np.log(q_rest)), 0.0)
+    return np.maximum(head + tail, 0.0)
+
+
+def percentile(x: np.ndarray, q: float) -> float:
+    """The q-th percentile (linear interpolation, numpy's default); 0.0 for an empty array."""
+    return float(np.percentile(x, q)) if np.size(x) else 0.0
