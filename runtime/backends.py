@@ -51,7 +51,7 @@ def infer_backend(path: Path) -> str:
 
 
 # Backends living in their exporter's area, imported on first use (their engines are heavy imports).
-BACKEND_MODULES = {"llama.cpp": "nextq.runtime.llama_cpp", "ort": "nextq.runtime.ort"}
+BACKEND_MODULES = {"llama.cpp": "nextq.runtime.llama_cpp", "ort": "nextq.runtime.ort", "gpu": "nextq.runtime.gpu"}
 
 
 def load(path: str | Path, backend: str | None = None, device: str = "cpu", **kwargs) -> Model:

@@ -1,0 +1,426 @@
+"""The GPU executor: Triton kernels, quantized experts kept packed on the device, static caches, CUDA-graph decode.
+
+    model = GpuModel.from_graph(Graph.load(ir), max_batch=8, max_seq=8192)
+    logits = model.prefill(ids)            # ids [B, T] -> last-position logits [B, V] fp32 (device)
+    logits = model.decode(next_ids)        # [B, 1] -> [B, V]; one CUDA-graph replay, no host synchronisation
+    tokens = model.generate_greedy(64)     # [B, 64], every step a graph replay that feeds its own argmax back
+
+Math is runtime/model.py's TorchModel (zero-centred RMSNorm, gated delta rule, gated attention with partial
+split-half RoPE, softmax -> top-k MoE with a sigmoid-gated shared expert); differences are in the execution:
+- projections that read the same input are concatenated once at load (DeltaNet q|k|v|z|b|a, attention
+  q|gate|k|v, router|shared_gate, shared gate|up): one GEMM/GEMV instead of four to six;
+- routed experts stay packed (int4_sym codes + fp16 scales, fp8 codes + fp32 scales, or float) and are
+  dequantized inside the MoE kernels (runtime/triton/moe_grouped.py); other quantized tensors are dequantized
+  once at load to the compute dtype;
+- residual add + RMSNorm fused (runtime/triton/norms.py);
+- caches are allocated once for `max_batch` x `max_seq`; a decode step reads the position from a device
+  tensor, so the step is captured once per (batch, attention-length bucket) as a CUDA graph and replayed.
+Prefill always starts a new sequence (caches reset); `decode` accepts one token per sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nextq.errors import BackendError
+from nextq.graph import GatedDeltaNet, Graph, Layer, ModelConfig, SparseMoE, build_blocks, expected_tensors
+from nextq.quant import QuantizedTensor
+
+from . import cuda_ops  # noqa: F401  (registers the CUDA kernels of the custom ops)
+from .backends import Model, register_backend
+from .model import rope
+from .ops import route
+
+ATTN_BUCKET = 256  # decode attends over the cache rounded up to this many positions (one graph per bucket)
+
+# name -> tensor, QuantizedTensor, ExpertMatrix (for the stacked names f"{prefix}.experts.{part}") or None
+TensorSource = Callable[[str], Any]
+
+
+# ---- expert packing (registry: storage kind -> packer) ------------------------------------------------------
+
+
+def _expert_kind(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return "float"
+    if t.scheme.startswith("int4_sym"):
+        return "int4_sym"
+    if t.scheme.startswith("fp8_"):
+        return "fp8"
+    if t.scheme in ("bf16", "f16", "f32"):
+        return "float"
+    return t.scheme
+
+
+def _pack_int4(items: list, device, dtype):
+    from .triton.moe_int4 import int4_experts
+
+    return int4_experts(torch.stack([q.data for q in items]).to(device), torch.stack([q.scales for q in items]).to(device))
+
+
+def _pack_fp8(items: list, device, dtype):
+    from .triton.moe_fp8 import float_experts
+
+    scales = torch.stack([q.scales.reshape(q.scales.shape[0], -1) for q in items])  # [E, sN, sK]
+    return float_experts(torch.stack([q.data for q in items]).to(device), scales.to(device))
+
+
+def _pack_float(items: list, device, dtype):
+    from .triton.moe_fp8 import float_experts
+
+    ws = [t.data if isinstance(t, QuantizedTensor) else t for t in items]
+    return float_experts(torch.stack([w.to(device, dtype) for w in ws]))
+
+
+EXPERT_PACKERS = {"int4_sym": _pack_int4, "fp8": _pack_fp8, "float": _pack_float}
+
+
+def pack_experts(items: list, name: str, device, dtype):
+    """Per-expert weights (all one storage kind) -> one ExpertMatrix on `device`."""
+    kinds = sorted({_expert_kind(t) for t in items})
+    if len(kinds) != 1 or kinds[0] not in EXPERT_PACKERS:
+        raise BackendError(f"{name}: experts stored as {kinds}; the GPU runtime runs one of {list(EXPERT_PACKERS)} "
+                           f"per projection")
+    return EXPERT_PACKERS[kinds[0]](items, device, dtype)
+
+
+# ---- weights and caches ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerWeights:
+    """One layer's device weights. `w_in`: the concatenated input projections; `splits`: their widths."""
+
+    kind: str  # "deltanet" | "attention"
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    w_in: torch.Tensor
+    splits: list[int]
+    out: torch.Tensor
+    mixer: dict[str, torch.Tensor] = field(default_factory=dict)
+    ffn: dict[str, Any] = field(default_factory=dict)
+    sparse: bool = True
+    offsets: dict[str, float] = field(default_factory=dict)  # norm offsets: input, post, q, k (scale = offset + w)
+
+
+class GpuModel:
+    """Executes a Qwen3-Next-style model on one CUDA device (see the module docstring)."""
+
+    def __init__(self, config: ModelConfig, get: TensorSource, device: str | torch.device = "cuda",
+                 dtype: torch.dtype = torch.bfloat16, max_batch: int = 1, max_seq: int = 4096):
+        self.config = c = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_batch, self.max_seq = max_batch, max_seq
+        specs = expected_tensors(c)
+        self.offsets = {n: s.norm_offset for n, s in specs.items() if s.norm_offset is not None}
+
+        def dense(name: str, keep32: bool = False) -> torch.Tensor:
+            t = get(name)
+            if isinstance(t, QuantizedTensor):
+                t = t.dequantize()
+            return t.to(self.device, torch.float32 if keep32 else dtype)
+
+        self.blocks: list[Layer] = [b for b in build_blocks(c) if isinstance(b, Layer)]
+        self.embed = dense("embed.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings else dense("lm_head.weight")
+        self.final_norm = dense("norm.weight", keep32=True)
+        self.layers = [self._load_layer(blk, get, dense) for blk in self.blocks]
+        self._alloc_caches()
+
+    @classmethod
+    def from_graph(cls, graph: Graph, **kw) -> GpuModel:
+        names = set(graph.tensors)
+        return cls(graph.config, lambda n: graph.get(n) if n in names else None, **kw)
+
+    def _load_layer(self, blk: Layer, get: TensorSource, dense) -> LayerWeights:
+        c, m = self.config, blk.mixer.prefix
+        if isinstance(blk.mixer, GatedDeltaNet):
+            parts = [dense(f"{m}.{n}.weight") for n in ("q", "k", "v", "z", "b", "a")]
+            lw = LayerWeights("deltanet", dense(f"{blk.prefix}.input_norm.weight", True),
+                              dense(f"{blk.prefix}.post_norm.weight", True), torch.cat(parts),
+                              [p.shape[0] for p in parts], dense(f"{m}.out.weight"))
+            lw.mixer = {"conv": dense(f"{m}.conv.weight").contiguous(), "A_log": dense(f"{m}.A_log", True),
+                        "dt_bias": dense(f"{m}.dt_bias", True), "norm": dense(f"{m}.norm.weight", True)}
+        else:
+            parts = [dense(f"{m}.{n}.weight") for n in ("q", "gate", "k", "v")]
+            lw = LayerWeights("attention", dense(f"{blk.prefix}.input_norm.weight", True),
+                              dense(f"{blk.prefix}.post_norm.weight", True), torch.cat(parts),
+                              [p.shape[0] for p in parts], dense(f"{m}.o.weight"))
+            lw.mixer = {"q_norm": dense(f"{m}.q_norm.weight", True), "k_norm": dense(f"{m}.k_norm.weight", True)}
+        lw.offsets = {"input": self.offsets[f"{blk.prefix}.input_norm.weight"],
+                      "post": self.offsets[f"{blk.prefix}.post_norm.weight"]}
+        if lw.kind == "attention":
+            lw.offsets.update(q=self.offsets[f"{m}.q_norm.weight"], k=self.offsets[f"{m}.k_norm.weight"])
+        p = blk.ffn.prefix
+        lw.sparse = isinstance(blk.ffn, SparseMoE)
+        if lw.sparse:
+            lw.ffn["router"] = torch.cat([dense(f"{p}.router.weight"), dense(f"{p}.shared_gate.weight")])
+            lw.ffn["shared_gate_up"] = torch.cat([dense(f"{p}.shared.gate.weight"), dense(f"{p}.shared.up.weight")])
+            lw.ffn["shared_down"] = dense(f"{p}.shared.down.weight")
+            for part in ("gate", "up", "down"):
+                stacked = get(f"{p}.experts.{part}")
+                if stacked is None:
+                    items = [get(f"{p}.experts.{e}.{part}.weight") for e in range(c.num_experts)]
+                    stacked = pack_experts(items, f"{p}.experts.*.{part}", self.device, self.dtype)
+                lw.ffn[part] = stacked
+        else:
+            lw.ffn["gate_up"] = torch.cat([dense(f"{p}.gate.weight"), dense(f"{p}.up.weight")])
+            lw.ffn["down"] = dense(f"{p}.down.weight")
+        return lw
+
+    def _alloc_caches(self) -> None:
+        c, b, dev = self.config, self.max_batch, self.device
+        conv_ch = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+        self.cache: list[dict[str, torch.Tensor]] = []
+        for lw in self.layers:
+            if lw.kind == "deltanet":
+                self.cache.append({
+                    "conv": torch.zeros(b, conv_ch, c.linear_conv_kernel_dim - 1, device=dev, dtype=self.dtype),
+                    "conv_tmp": torch.zeros(b, conv_ch, c.linear_conv_kernel_dim - 1, device=dev, dtype=self.dtype),
+                    "rec": torch.zeros(b, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
+                                       device=dev, dtype=torch.float32)})
+            else:
+                shape = (b, c.num_key_value_heads, self.max_seq, c.head_dim)
+                self.cache.append({"k": torch.zeros(shape, device=dev, dtype=self.dtype),
+                                   "v": torch.zeros(shape, device=dev, dtype=self.dtype)})
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # tokens seen (device copy, read by graphs)
+        self.length = 0  # the same on the host
+        self.batch = 0
+        self.ids_buf = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        self.logits_buf = torch.zeros(b, c.vocab_size, dtype=torch.float32, device=dev)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self.cache for t in d.values())
+
+    # -- blocks -----------------------------------------------------------------------------------------------
+
+    def deltanet(self, x: torch.Tensor, lw: LayerWeights, st: dict[str, torch.Tensor]) -> torch.Tensor:
+        from .triton.conv_update import conv_into
+        from .triton.gdr_chunk import gdr_chunk_into
+        from .triton.gdr_recurrent import gdr_recurrent_into
+        from .triton.norms import gated_rms_norm
+
+        c = self.config
+        b, t, _ = x.shape
+        hk, hv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+        proj = F.linear(x, lw.w_in)  # [B, T, q|k|v|z|b|a]
+        nq, nk, nv, nz, nb, _ = lw.splits
+        ch = nq + nk + nv
+        qkv_in, z = proj[..., :ch], proj[..., ch:ch + nz]
+        beta = torch.sigmoid(proj[..., ch + nz:ch + nz + nb]).contiguous()
+        a = proj[..., ch + nz + nb:]
+        g = -lw.mixer["A_log"].exp() * F.softplus(a.float() + lw.mixer["dt_bias"])  # log decay [B, T, Hv] fp32
+        qkv = torch.empty(b, t, ch, dtype=x.dtype, device=x.device)
+        conv, conv_tmp = st["conv"][:b], st["conv_tmp"][:b]
+        conv_into(qkv_in, lw.mixer["conv"], conv, qkv, conv_tmp)
+        conv.copy_(conv_tmp)
+        q = qkv[..., :nq].view(b, t, hk, dk)
+        k = qkv[..., nq:nq + nk].view(b, t, hk, dk)
+        v = qkv[..., nq + nk:].view(b, t, hv, dv)
+        o = torch.empty(b, t, hv, dv, dtype=x.dtype, device=x.device)
+        rec = st["rec"][:b]
+        if t == 1:
+            gdr_recurrent_into(q, k, v, g, beta, rec, o, rec)  # state in place
+        else:  # fp32 compute: 3xTF32 products (about fp32); bf16: tf32 is far inside the budget
+            gdr_chunk_into(q, k, v, g, beta, rec, o, rec, "tf32x3" if x.dtype == torch.float32 else "tf32")
+        o = gated_rms_norm(o, z.reshape(b, t, hv, dv), lw.mixer["norm"], c.rms_norm_eps)
+        return F.linear(o.reshape(b, t, hv * dv), lw.out)
+
+    def attention(self, x: torch.Tensor, lw: LayerWeights, st: dict[str, torch.Tensor], positions: torch.Tensor,
+                  fresh: bool, span: int) -> torch.Tensor:
+        """fresh: the cache is empty (prefill) -> causal flash attention over the new keys; else attend over the
+        first `span` cache positions, key j visible to query t iff j <= positions[t]."""
+        from .triton.norms import rms_norm
+
+        c = self.config
+        b, t, _ = x.shape
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q, gate, k, v = F.linear(x, lw.w_in).split(lw.splits, dim=-1)
+        q = rms_norm(q.reshape(b, t, hq, d), lw.mixer["q_norm"], lw.offsets["q"], c.rms_norm_eps).transpose(1, 2)
+        k = rms_norm(k.reshape(b, t, hkv, d), lw.mixer["k_norm"], lw.offsets["k"], c.rms_norm_eps).transpose(1, 2)
+        v = v.reshape(b, t, hkv, d).transpose(1, 2)
+        q, k = rope(q, positions, c.rotary_dim, c.rope_theta), rope(k, positions, c.rotary_dim, c.rope_theta)
+        kc, vc = st["k"][:b], st["v"][:b]
+        kc.index_copy_(2, positions, k)
+        vc.index_copy_(2, positions, v)
+        if fresh:
+            r = hq // hkv
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1),
+                                               is_causal=True, scale=d ** -0.5)
+        else:
+            qg = q.reshape(b, hkv, (hq // hkv) * t, d)  # query heads of one KV head side by side (GQA)
+            s = (qg @ kc[:, :, :span].transpose(-1, -2)).float() * d ** -0.5  # [B, Hkv, r*T, span]
+            visible = torch.arange(span, device=x.device)[None, :] <= positions[:, None]  # [T, span]
+            s = s.view(b, hkv, hq // hkv, t, span).masked_fill(~visible, float("-inf"))
+            p = torch.softmax(s, dim=-1).to(x.dtype).view(b, hkv, -1, span)
+            o = (p @ vc[:, :, :span]).view(b, hq, t, d)
+        o = o.transpose(1, 2).reshape(b, t, hq * d) * torch.sigmoid(gate)
+        return F.linear(o, lw.out)
+
+    def ffn(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        from .triton.moe_grouped import experts_forward
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        f = lw.ffn
+        if lw.sparse:
+            e = self.config.num_experts
+            logits = F.linear(x2, f["router"])  # [N, E + 1]: router | shared-expert gate
+            w, ids = route(logits[:, :e], self.config.num_experts_per_tok, self.config.norm_topk_prob)
+            y = experts_forward(x2, w, ids, f["gate"], f["up"], f["down"])
+            gu = F.linear(x2, f["shared_gate_up"])
+            gs, us = gu.chunk(2, dim=-1)
+            y = y + torch.sigmoid(logits[:, e:]) * F.linear(F.silu(gs) * us, f["shared_down"])
+        else:
+            gs, us = F.linear(x2, f["gate_up"]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gs) * us, f["down"])
+        return y.view(shape)
+
+    # -- model ------------------------------------------------------------------------------------------------
+
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, fresh: bool, span: int) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H]; updates the caches (positions: device [T])."""
+        from .triton.norms import add_rms_norm, rms_norm
+
+        eps = self.config.rms_norm_eps
+        x = F.embedding(ids, self.embed)
+        h = rms_norm(x, self.layers[0].input_norm, self.layers[0].offsets["input"], eps)
+        for i, (lw, st) in enumerate(zip(self.layers, self.cache)):
+            if lw.kind == "deltanet":
+                m = self.deltanet(h, lw, st)
+            else:
+                m = self.attention(h, lw, st, positions, fresh, span)
+            x, h = add_rms_norm(x, m, lw.post_norm, lw.offsets["post"], eps)
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            w, off = (nxt.input_norm, nxt.offsets["input"]) if nxt else (self.final_norm, self.offsets["norm.weight"])
+            x, h = add_rms_norm(x, self.ffn(h, lw), w, off, eps)
+        return h
+
+    def _check_batch(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 2 or ids.shape[0] > self.max_batch:
+            raise BackendError(f"ids: expected [B, T] with B <= max_batch={self.max_batch}, got {tuple(ids.shape)}")
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Start new sequences: ids [B, T] -> fp32 logits of the last position [B, V] (all: [B, T, V])."""
+        self._check_batch(ids)
+        b, t = ids.shape
+        if t > self.max_seq:
+            raise BackendError(f"prompt of {t} tokens exceeds max_seq={self.max_seq}")
+        for st in self.cache:
+            for name in ("conv", "rec"):
+                if name in st:
+                    st[name][:b].zero_()
+        ids = ids.to(self.device)
+        positions = torch.arange(t, device=self.device)
+        h = self._hidden(ids, positions, fresh=True, span=t)
+        self.pos.fill_(t)
+        self.length, self.batch = t, b
+        return F.linear(h if all_logits else h[:, -1], self.lm_head).float()
+
+    def _step(self, b: int, span: int, greedy: bool) -> None:
+        """One decode step on the static buffers (graph-capturable): ids_buf -> logits_buf, pos += 1."""
+        positions = self.pos.clone()  # [1]
+        h = self._hidden(self.ids_buf[:b], positions, fresh=False, span=span)
+        logits = F.linear(h[:, -1], self.lm_head)
+        self.logits_buf[:b].copy_(logits)
+        if greedy:
+            self.ids_buf[:b].copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+
+    def _graph(self, b: int, span: int, greedy: bool) -> torch.cuda.CUDAGraph:
+        key = (b, span, greedy)
+        if key not in self.graphs:
+            # warm up (compiles the Triton kernels) on a copy of the state, then restore it and capture
+            saved = [{n: t[:b].clone() for n, t in st.items() if n in ("conv", "rec")} for st in self.cache]
+            pos, ids = self.pos.clone(), self.ids_buf.clone()
+            s = torch.cuda.Stream(self.device)
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                self._step(b, span, greedy)
+            torch.cuda.current_stream(self.device).wait_stream(s)
+            for st, sv in zip(self.cache, saved):
+                for n, t in sv.items():
+                    st[n][:b].copy_(t)
+            self.pos.copy_(pos)
+            self.ids_buf.copy_(ids)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._step(b, span, greedy)
+            self.graphs[key] = graph
+        return self.graphs[key]
+
+    def _span(self) -> int:
+        need = self.length + 1
+        if need > self.max_seq:
+            raise BackendError(f"sequence of {need} tokens exceeds max_seq={self.max_seq}")
+        return min(self.max_seq, -(-need // ATTN_BUCKET) * ATTN_BUCKET)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence (ids [B, 1], B as in prefill) -> fp32 logits [B, V] (a view of a static buffer:
+        copy it before the next call)."""
+        b = self.batch
+        if ids.shape != (b, 1):
+            raise BackendError(f"decode: expected ids [{b}, 1] after a prefill of batch {b}, got {tuple(ids.shape)}")
+        self.ids_buf[:b].copy_(ids, non_blocking=True)
+        self._graph(b, self._span(), greedy=False).replay()
+        self.length += 1
+        return self.logits_buf[:b]
+
+    @torch.no_grad()
+    def generate_greedy(self, steps: int, first: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding for `steps` tokens, each step one graph replay that writes its argmax as the next input.
+        first: [B, 1] the first input (default: argmax of the prefill logits, which the caller passes). Returns the
+        generated ids [B, steps] (device); no host synchronisation inside the loop."""
+        b = self.batch
+        if first is not None:
+            self.ids_buf[:b].copy_(first)
+        out = []
+        for _ in range(steps):
+            self._graph(b, self._span(), greedy=True).replay()
+            self.length += 1
+            out.append(self.ids_buf[:b].clone())
+        return torch.cat(out, dim=1)
+
+
+@register_backend("gpu")
+class GpuBackend(Model):
+    """nextq's GPU executor (runtime/gpu.py) over an IR directory: bf16 compute, experts packed."""
+
+    def __init__(self, path, device: str = "cuda", dtype: str = "bfloat16", max_batch: int = 8, max_seq: int = 4096):
+        super().__init__(path, device)
+        from .backends import _torch_dtype
+
+        if not torch.cuda.is_available():
+            raise BackendError("backend 'gpu' needs CUDA, which this machine lacks")
+        self.model = GpuModel.from_graph(Graph.load(path), device=device, dtype=_torch_dtype(dtype),
+                                         max_batch=max_batch, max_seq=max_seq)
+
+    def _ids(self, ids) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.model.device)
+
+    def logits(self, ids):
+        return self.model.prefill(self._ids(ids), all_logits=True).cpu().numpy()
+
+    def prefill(self, ids):
+        return self.model.prefill(self._ids(ids)).cpu().numpy()
+
+    def decode(self, ids):
+        ids = self._ids(ids)
+        out = None
+        for i in range(ids.shape[1]):
+            out = self.model.decode(ids[:, i:i + 1])
+        return out.cpu().numpy()

@@ -1,0 +1,6 @@
+"""Triton kernels of nextq's GPU runtime, one file per kernel (see runtime/cuda_ops.py for the op registrations).
+
+Each module exposes a plain Python launcher with the same arguments and shapes as the CPU reference in
+runtime/ops.py, plus lower-level entry points with explicit output buffers for the CUDA-graph executor
+(runtime/gpu.py). Importing this package needs `triton`; it is imported lazily by runtime/cuda_ops.py.
+"""

@@ -1,0 +1,235 @@
+"""GPU kernels (Triton) vs their CPU references, and the GPU executor vs the CPU runtime (needs CUDA).
+
+Every kernel gets fresh random inputs on the device; the reference runs the same inputs on the CPU in fp32.
+Tolerance: relative L2 ||got - ref|| / ||ref|| <= 1e-2 for bf16 inputs and outputs (bf16 rounds to 2^-8 ~ 4e-3
+per element; kernels accumulate in fp32, tf32 in the chunked delta rule's state products), outputs and states.
+"""
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available: the GPU kernels and executor need an NVIDIA GPU", allow_module_level=True)
+triton = pytest.importorskip("triton", reason="the GPU kernels need Triton")
+
+from nextq.quant import quantize  # noqa: E402
+from nextq.runtime import cuda_ops, ops  # noqa: E402
+from nextq.runtime.triton import conv_update, gdr_chunk, gdr_recurrent, norms  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+TOL = 1e-2  # bf16 budget, see the module docstring
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.float().cpu(), ref.float().cpu()
+    assert torch.isfinite(got).all(), "non-finite values in the kernel output"
+    return float((got - ref).norm() / ref.norm())
+
+
+def gdr_inputs(B, T, Hk, Hv, Dk, Dv, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, Hk, Dk, generator=g), torch.randn(B, T, Hk, Dk, generator=g),
+            torch.randn(B, T, Hv, Dv, generator=g), -torch.rand(B, T, Hv, generator=g) * 3,
+            torch.rand(B, T, Hv, generator=g), torch.randn(B, Hv, Dk, Dv, generator=g) * 0.1)
+
+
+def on_gpu(args, dtype=torch.bfloat16):
+    """q, k, v, beta in `dtype`; g (log decay) and the state stay fp32, as the runtime passes them."""
+    q, k, v, g, beta, s = args
+    return (q.to(DEV, dtype), k.to(DEV, dtype), v.to(DEV, dtype), g.to(DEV), beta.to(DEV, dtype), s.to(DEV))
+
+
+def cpu_ref(args_gpu, fn):
+    """The CPU reference on exactly the (bf16-rounded) values the kernel saw, in fp32."""
+    return fn(*(a.float().cpu() for a in args_gpu))
+
+
+# T: decode, ragged, aligned, spilling; Hv = Hk, 2 Hk, 3 Hk; non-power-of-two head dims; the real 128 x 128
+@pytest.mark.parametrize("T", [1, 7, 64, 257])
+@pytest.mark.parametrize("B,Hk,Hv,Dk,Dv", [(2, 2, 4, 12, 20), (2, 2, 4, 128, 128)])
+def test_delta_rule_kernels_match_reference(T, B, Hk, Hv, Dk, Dv):
+    args = on_gpu(gdr_inputs(B, T, Hk, Hv, Dk, Dv, seed=T + Dk))
+    o_ref, s_ref = cpu_ref(args, ops.gated_delta_rule_recurrent)
+    for fn in (gdr_recurrent.gated_delta_rule_recurrent, gdr_chunk.gated_delta_rule_chunked):
+        o, s = fn(*args)
+        assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+        assert rel(o, o_ref) <= TOL, fn.__name__
+        assert rel(s, s_ref) <= TOL, fn.__name__
+    # the registered op dispatches to the kernels on CUDA
+    o, s = torch.ops.nextq.gated_delta_rule(*args)
+    assert rel(o, o_ref) <= TOL and rel(s, s_ref) <= TOL
+
+
+def test_chunked_delta_rule_long_sequence_state():
+    """4096 tokens at the real head sizes: the state crosses 64 chunk boundaries without drifting."""
+    args = on_gpu(gdr_inputs(1, 4096, 2, 4, 128, 128, seed=11))
+    o_ref, s_ref = cpu_ref(args, ops.gated_delta_rule_chunked)
+    o, s = gdr_chunk.gated_delta_rule_chunked(*args)
+    assert rel(o, o_ref) <= TOL and rel(s, s_ref) <= TOL
+
+
+@pytest.mark.parametrize("B,T,C,K", [(2, 1, 6, 4), (1, 2, 10, 4), (2, 37, 300, 4), (1, 300, 8192, 4), (1, 5, 7, 3)])
+def test_causal_conv_kernel_matches_reference(B, T, C, K):
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(B, T + 3, C, generator=g)[:, 1:T + 1].to(DEV, torch.bfloat16)  # strided, as a projection slice
+    w = torch.randn(C, K, generator=g).to(DEV, torch.bfloat16)
+    s = torch.randn(B, C, K - 1, generator=g).to(DEV, torch.bfloat16)
+    y_ref, s_ref = ops.causal_conv1d(x.float().cpu(), w.float().cpu(), s.float().cpu())
+    y, s_new = torch.ops.nextq.causal_conv1d(x, w, s)
+    assert rel(y, y_ref) <= TOL
+    assert torch.equal(s_new.float().cpu(), s_ref)  # the carried state is a copy of inputs: exact
+
+
+def test_norm_kernels_match_reference():
+    from nextq.runtime import model
+
+    g = torch.Generator().manual_seed(5)
+    x, h, z = (torch.randn(3, 7, 2048, generator=g).to(DEV, torch.bfloat16) for _ in range(3))
+    w = (torch.randn(2048, generator=g) * 0.1).to(DEV)
+    xs, hs, zs, ws = x.float().cpu(), h.float().cpu(), z.float().cpu(), w.cpu()
+    assert rel(norms.rms_norm(x, w, 1.0, 1e-6), model.rms_norm(xs, ws, 1.0, 1e-6)) <= TOL
+    s, y = norms.add_rms_norm(x, h, w, 1.0, 1e-6)
+    assert rel(s, xs + hs) <= TOL and rel(y, model.rms_norm(xs + hs, ws, 1.0, 1e-6)) <= TOL
+    assert rel(norms.gated_rms_norm(x, z, w, 1e-6), model.gated_rms_norm(xs, zs, ws, 1e-6)) <= TOL
+
+
+def moe_args(N, H, I, Is, E, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * s[-1] ** -0.5  # noqa: E731
+    return dict(x=torch.randn(N, H, generator=g), router=r(E, H), gate=r(E, I, H), up=r(E, I, H), down=r(E, H, I),
+                shared=(r(Is, H), r(Is, H), r(H, Is), r(1, H)))
+
+
+def stack_quantized(w: torch.Tensor, scheme: str):
+    qs = [quantize(w[e], scheme) for e in range(w.shape[0])]
+    return torch.stack([q.data for q in qs]), torch.stack([q.scales.reshape(q.scales.shape[0], -1) for q in qs])
+
+
+def routed_reference(x, w, ids, gate, up, down):
+    """sum_j w[n, j] swiglu_e(x[n]) over e = ids[n, j], expert by expert (fp32, CPU)."""
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        n, j = (ids == e).nonzero(as_tuple=True)
+        out.index_add_(0, n, w[n, j, None] * ops.swiglu(x[n], gate[e], up[e], down[e]))
+    return out
+
+
+def packed_experts(a, scheme):
+    """(ExpertMatrix on the device, dequantized fp32 reference on the CPU) for gate, up, down."""
+    from nextq.runtime.triton.moe_fp8 import float_experts
+    from nextq.runtime.triton.moe_int4 import int4_experts
+
+    make, deq = ((int4_experts, cuda_ops.dequantize_int4_experts) if scheme.startswith("int4")
+                 else (float_experts, cuda_ops.dequantize_fp8_experts))
+    out = []
+    for w in (a["gate"], a["up"], a["down"]):
+        q, s = stack_quantized(w, scheme)
+        out.append((make(q.to(DEV), s.to(DEV)), deq(q, s)))
+    return out
+
+
+# N: GEMV path at batch 1 and 8 (real expert shapes, top-10), grouped-GEMM path (small and real shapes)
+@pytest.mark.parametrize("scheme", ["int4_sym_g32", "int4_sym_g128", "fp8_channel", "fp8_block128"])
+@pytest.mark.parametrize("N,H,I,E,K", [(1, 256, 128, 16, 4), (8, 2048, 512, 64, 10), (300, 256, 128, 16, 4),
+                                       (600, 2048, 512, 64, 10)])
+def test_quantized_expert_kernels_match_reference(scheme, N, H, I, E, K):
+    """The expert kernels on one fixed routing (computed once on the CPU) vs dequantize + per-expert swiglu."""
+    from nextq.runtime.triton.moe_grouped import experts_forward
+
+    a = moe_args(N, H, I, I, E, seed=N + E)
+    x = a["x"].to(torch.bfloat16)
+    w, ids = ops.route(x.float() @ a["router"].T, K, True)
+    (g, gr), (u, ur), (d, dr) = packed_experts(a, scheme)
+    ref = routed_reference(x.float(), w, ids, gr, ur, dr)
+    out = torch.full((N, H), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: every row must be written
+    got = experts_forward(x.to(DEV), w.to(DEV), ids.to(DEV), g, u, d, out=out)
+    assert got.dtype == torch.bfloat16
+    assert rel(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("scheme", ["int4_sym_g32", "fp8_block128"])
+def test_quantized_moe_ops_match_cpu_reference(scheme):
+    """nextq::moe_int4 / moe_fp8 on CUDA vs their CPU references, routing included. Batch 8 at real shapes:
+    the GPU routes on bf16 logits, the CPU on fp32; with 8 tokens a near-tie flip is rare (a flipped token
+    would show as a few-percent error)."""
+    a = moe_args(8, 2048, 512, 512, 64, seed=21)
+    packed = [t for w in (a["gate"], a["up"], a["down"]) for t in stack_quantized(w, scheme)]
+    op = torch.ops.nextq.moe_int4 if scheme.startswith("int4") else torch.ops.nextq.moe_fp8
+    x = a["x"].to(torch.bfloat16)
+    ref = op(x.float(), a["router"], *packed, *a["shared"], 10, True)  # CPU reference: dequantize + ops.moe, fp32
+    dev = [x.to(DEV), a["router"].to(DEV, torch.bfloat16), *(t.to(DEV) for t in packed),
+           *(t.to(DEV, torch.bfloat16) for t in a["shared"])]
+    got = op(*dev, 10, True)
+    assert got.shape == ref.shape and got.dtype == torch.bfloat16
+    assert rel(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("N", [3, 500])
+def test_float_moe_kernel_matches_reference(N):
+    a = moe_args(N, 64, 32, 24, 7, seed=N)
+    cpu = (a["x"], a["router"], a["gate"], a["up"], a["down"], *a["shared"], 2, False)
+    ref = ops.moe_reference(*cpu) if N < 10 else ops.moe(*cpu)
+    got = torch.ops.nextq.moe(*(t.to(DEV, torch.bfloat16) for t in cpu[:9]), 2, False)
+    assert rel(got, ref) <= TOL
+
+
+# ---- the executor ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def graphs(ckpt_factory, tmp_path_factory):
+    """Tiny IRs: `base` (MoE, float and int4 experts) and `odd` (non-power-of-two dims, a dense layer)."""
+    from nextq.convert.cli import convert
+    from nextq.graph import Graph
+
+    out = {}
+    for name, kw in (("base", {"moe_intermediate_size": 32}), ("odd", {})):
+        ir = tmp_path_factory.mktemp(f"gpu-{name}") / "ir"
+        convert(str(ckpt_factory(name, **kw)), ir)
+        out[name] = Graph.load(ir)
+    qdir = tmp_path_factory.mktemp("gpu-int4") / "ir"
+    out["base"].save(qdir, cast=lambda n, t: quantize(t, "int4_sym_g32") if ".experts." in n else t)
+    out["int4"] = Graph.load(qdir)
+    return out
+
+
+@pytest.mark.parametrize("name", ["base", "odd", "int4"])
+def test_gpu_model_logits_match_cpu_runtime(graphs, name):
+    from nextq.runtime.gpu import GpuModel
+    from nextq.runtime.model import TorchModel
+
+    ids = torch.randint(0, 96, (2, 131), generator=torch.Generator().manual_seed(3))
+    ref = TorchModel(graphs[name]).forward(ids)  # CPU runtime, fp32 (int4: the same dequantized values)
+    got32 = GpuModel.from_graph(graphs[name], dtype=torch.float32, max_batch=2).prefill(ids, all_logits=True)
+    # fp32 on the GPU (3xTF32 products in the Triton kernels, fp32 elsewhere): summation order only -> 1e-3
+    assert rel(got32, ref) <= 1e-3
+    got = GpuModel.from_graph(graphs[name], max_batch=2).prefill(ids, all_logits=True).float().cpu()
+    # bf16 through every layer: rounding compounds, and a near-tie in top-k routing can pick another expert for a
+    # token (a large error on that token alone) -> judge the typical token: median per-position rel L2 <= 3e-2,
+    # and the argmax must agree on >= 90% of positions
+    per_pos = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert float(per_pos.median()) <= 3e-2
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
+
+
+def test_gpu_decode_graphs_match_whole_sequence(graphs):
+    """Prefill 3 tokens, then CUDA-graph decode steps (crossing an attention bucket): same logits as one pass."""
+    from nextq.runtime import gpu
+    from nextq.runtime.gpu import GpuModel
+
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(4))
+    m = GpuModel.from_graph(graphs["int4"], dtype=torch.float32, max_batch=2, max_seq=64)
+    ref = m.prefill(ids, all_logits=True)
+    old, gpu.ATTN_BUCKET = gpu.ATTN_BUCKET, 16  # small buckets: several graphs, each replayed
+    try:
+        steps = [m.prefill(ids[:, :3])]
+        steps += [m.decode(ids[:, i:i + 1]).clone() for i in range(3, 40)]
+    finally:
+        gpu.ATTN_BUCKET = old
+    assert len(m.graphs) == 3  # spans 16, 32, 48
+    assert rel(torch.stack(steps, 1), ref[:, 2:]) <= 1e-3  # fp32: recurrent vs chunked (3xTF32) delta rule
+    # greedy generation feeds its own argmax back inside the graph
+    m.prefill(ids[:, :5])
+    toks = m.generate_greedy(4, first=ids[:, 5:6])
+    assert toks.shape == (2, 4) and toks.dtype == torch.long
