@@ -151,13 +151,19 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 @click.option("--prompt", default=PROMPT, show_default=True, help="Prompt for the generation-speed check.")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--publish", "publish_id", metavar="REPO_ID",
+              help="Last step: publish OUTPUT (quantized IR, exports, reports, model card) to this Hub repo.")
 def pipeline_cmd(source, output, recipe, formats, revision, corpora, window, max_windows, prompt, max_new_tokens,
-                 force):
+                 force, publish_id):
     """Run the whole job on SOURCE (default: the embedded tiny trained model)."""
     rows = run_pipeline(source, output, recipe=recipe, formats=formats, revision=revision, corpora=corpora,
                         window=window, max_windows=max_windows or None, prompt=prompt,
                         max_new_tokens=max_new_tokens, force=force)
     out.print(summary_table(rows))
+    if publish_id:
+        from .publish import publish
+
+        publish(output, publish_id)
 
 
 def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", formats: list[str] = ("gguf", "onnx"),

@@ -568,3 +568,25 @@ def test_non_report_json_under_reports_is_refused(hub, out_dir):
     res = run("publish", out_dir, "--repo-id", "tester/qnext-int4", "--dry-run")
     assert res.exit_code == 2
     assert "notes.json: format 'something-else', expected 'nextq-validate-report'" in res.output
+
+
+def test_pipeline_publish_is_the_last_step(hub, tmp_path, monkeypatch):
+    """`nextq pipeline SOURCE --publish ID`: the pipeline's own artifacts, reports and card reach the Hub."""
+    from conftest import build_checkpoint
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    from nextq.pipeline import embedded_model
+
+    src = build_checkpoint(tmp_path / "hf", "base", vocab_size=2048, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32)  # rows of 32: int4 g32 experts fit
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # the embedded tokenizer has 2048 ids
+        shutil.copy(embedded_model() / f, src / f)
+    out = tmp_path / "run"
+    res = run("pipeline", src, "-o", out, "--formats", "gguf", "--window", "32", "--max-windows", "1",
+              "--max-new-tokens", "2", "--publish", "tester/pipe", env={"NEXTQ_CACHE": str(tmp_path / "cache")})
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    tree = hub.repos["tester/pipe"]["branches"]["main"]
+    assert tree["model.gguf"] == (out / "model.gguf").read_bytes()
+    assert "reports/gguf.json" in tree and any(p.startswith("quantized/") for p in tree)
+    assert "ir/graph.json" not in tree  # the float original stays local
+    assert "quantized" in front_matter(tree["README.md"].decode())["tags"]
