@@ -1,7 +1,16 @@
-"""`nextq convert`: a Hugging Face checkpoint (local directory or Hub repo id) -> an IR directory."""
+"""`nextq convert`: a Hugging Face checkpoint (local directory or Hub repo id) -> an IR directory, or, with
+`--recipe` / `--to`, straight to a quantized IR, GGUF file or ONNX directory without an intermediate on disk.
+
+The direct path reads the checkpoint lazily, quantizes one tensor (one expert's matrix) at a time on `--workers`
+threads that run a bounded window ahead of the writer, in the writer's own order (`quant.quantize.quantized_view`
++ `gguf_export.consumption_order`), and hands that lazy quantized graph to the exporter: memory is bounded by the
+largest output tensor (GGUF: one layer's stacked experts) plus the prefetch budget, whatever the model's size.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -10,6 +19,7 @@ import torch
 from nextq.console import console, progress_iter
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGETS = ("ir", "gguf", "onnx")
 
 
 def convert(source: str, output: Path, revision: str | None = None, dtype: str = "auto", force: bool = False):
@@ -26,16 +36,87 @@ def convert(source: str, output: Path, revision: str | None = None, dtype: str =
     return graph
 
 
+@contextmanager
+def byte_progress(total: int, description: str, show: bool = True) -> Iterator[Callable[[str, int], None]]:
+    """A progress bar over source bytes (throughput and ETA) on stderr; yields `advance(name, nbytes)`."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    if not show:
+        yield lambda name, n: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda name, n: bar.advance(task, n)
+
+
+def convert_direct(source: str, output: Path, recipe: str, to: str = "gguf", revision: str | None = None,
+                   force: bool = False, workers: int = 2, progress: bool = True) -> dict:
+    """Checkpoint -> quantized `to` (ir | gguf | onnx) in one pass, RTN (no calibration); returns a summary.
+
+    Summary: {"tensors": per-output-type counts (gguf) or the quantization report (ir), "source_bytes": n}.
+    """
+    from nextq.quant.quantize import _source_bytes, quantize_graph, quantized_view
+    from nextq.quant.recipes import get_recipe
+
+    from .hf import read_hf
+
+    if to not in TARGETS:
+        raise click.UsageError(f"--to {to!r}: supported: {', '.join(TARGETS)}")
+    rec = get_recipe(recipe)
+    graph = read_hf(source, revision, hash_shards=(to == "ir"))  # shard hashes only land in an IR's provenance
+    total = sum(_source_bytes(t) for t in graph.tensors.values())
+    label = f"{rec.name} -> {to}"
+    with byte_progress(total, label, progress) as advance:
+        if to == "ir":
+            report = quantize_graph(graph, rec, output, force=force, workers=workers, on_done=advance)
+            return {"tensors": report["methods"], "source_bytes": total}
+        if to == "gguf":
+            from .gguf_export import GGUFOptions, consumption_order, export_gguf
+
+            with quantized_view(graph, rec, workers=workers, order=consumption_order(graph),
+                                on_done=advance) as view:
+                counts = export_gguf(view, output, GGUFOptions(), force=force)
+            return {"tensors": counts, "source_bytes": total}
+        from .onnx_export import export_onnx
+
+        with quantized_view(graph, rec, workers=workers, on_done=advance) as view:
+            export_onnx(view, output, force=force)
+        return {"tensors": {}, "source_bytes": total}
+
+
 @click.command("convert")
 @click.argument("source")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="IR directory to write.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="IR directory, .gguf file or ONNX directory to write (see --to).")
+@click.option("--to", "to", type=click.Choice(TARGETS), default="ir", show_default=True,
+              help="Output format. gguf and onnx need --recipe.")
+@click.option("--recipe", help="Quantize on the way (built-in name or TOML file): round to nearest, NO "
+                               "calibration; for calibrated int4, convert to an IR and run `nextq quantize`.")
+@click.option("--workers", default=2, show_default=True, help="Quantization threads (direct path).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
-              help="Store weights in this dtype; auto keeps the checkpoint's.")
+              help="Store weights in this dtype; auto keeps the checkpoint's (plain --to ir only).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def convert_cmd(source, output, revision, dtype, force):
-    """Convert a Qwen3-Next checkpoint (local directory or Hub repo id) into an IR directory."""
-    graph = convert(source, output, revision, dtype, force)
-    c = graph.config
-    console.print(f"[green]wrote[/] {output}: {c.num_hidden_layers} layers, {c.num_experts} experts, "
-                  f"{len(graph.tensors)} tensors")
+def convert_cmd(source, output, to, recipe, workers, revision, dtype, force):
+    """Convert a Qwen3-Next checkpoint (local directory or Hub repo id) into an IR directory, or with --recipe
+    straight into a quantized IR, GGUF file or ONNX directory, streaming one tensor at a time (no full-precision
+    intermediate on disk; progress shows throughput and ETA)."""
+    if recipe is None:
+        if to != "ir":
+            raise click.UsageError(f"--to {to} needs --recipe (or convert to an IR and use `nextq export`)")
+        graph = convert(source, output, revision, dtype, force)
+        c = graph.config
+        console.print(f"[green]wrote[/] {output}: {c.num_hidden_layers} layers, {c.num_experts} experts, "
+                      f"{len(graph.tensors)} tensors")
+        return
+    if dtype != "auto":
+        raise click.UsageError("--dtype applies to a plain conversion; with --recipe the recipe decides dtypes")
+    summary = convert_direct(source, output, recipe, to, revision, force, workers)
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensors"].items()))
+    size = (output.stat().st_size if output.is_file()
+            else sum(p.stat().st_size for p in output.rglob("*") if p.is_file()))
+    console.print(f"[green]wrote[/] {output} ({counts or to}), {size / 2**20:.1f} MiB "
+                  f"from {summary['source_bytes'] / 2**20:.1f} MiB of source tensors")

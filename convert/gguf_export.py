@@ -115,7 +115,7 @@ def describe(t: Any) -> tuple[str, str]:
     """('dense', dtype) or ('quant', scheme) of a graph tensor without loading it."""
     if hasattr(t, "meta") and isinstance(getattr(t, "meta"), dict):  # QuantRef
         return "quant", t.meta["scheme"]
-    if hasattr(t, "scheme"):  # QuantizedTensor
+    if getattr(t, "scheme", None) is not None:  # QuantizedTensor, or a pending one (quant.quantize.PendingTensor)
         return "quant", t.scheme
     return "dense", str(t.dtype).removeprefix("torch.")
 
@@ -194,6 +194,12 @@ def plan(graph: Graph, opts: GGUFOptions) -> list[Entry]:
             shape = (*rows.shape[:-1], shapes[0][-1])
         out.append(Entry(pt, choose_type(pt, graph, opts, shape[-1]), shape))
     return out
+
+
+def consumption_order(graph: Graph) -> list[str]:
+    """Canonical tensor names in the order export_gguf reads them (for a prefetcher running ahead of it)."""
+    seen = dict.fromkeys(s for pt in names.plan_tensors(graph.config, layer_kinds(graph)) for s in pt.sources)
+    return [*seen, *(n for n in graph.tensors if n not in seen)]
 
 
 def byte_layout(e: Entry) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -343,6 +349,29 @@ class atomic_output_file:
         return False
 
 
+def write_stacked(w, graph: Graph, e: Entry, requant: Requant) -> None:
+    """Write a stacked-experts tensor expert by expert (memory: one expert, not the layer's stack).
+
+    Mirrors GGUFWriter.write_tensor_data (pop the tensor info, align, write, pad) for data given in pieces.
+    """
+    from gguf.gguf_writer import WriterState
+
+    want, dt, nbytes = byte_layout(e)
+    fout = w.fout[0]
+    ti = w.tensors[0].pop(next(iter(w.tensors[0])))
+    if ti.nbytes != nbytes:
+        raise CheckpointError(f"{e.pt.name}: tensor info says {ti.nbytes} bytes, planned {nbytes}")
+    w.write_padding(fout, fout.tell())
+    for s in e.pt.sources:
+        data = np.ascontiguousarray(source_data(s, graph.get(s), e.type, requant))
+        if data.shape != want[1:] or data.dtype != dt:
+            raise CheckpointError(f"{s}: produced {data.dtype} {list(data.shape)} for {e.pt.name}, "
+                                  f"planned {dt} {list(want[1:])}")
+        data.tofile(fout)
+    w.write_padding(fout, nbytes)
+    w.state = WriterState.WEIGHTS
+
+
 def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions(), force: bool = False,
                 name: str | None = None, progress: bool = False, vocab_only: bool = False) -> dict[str, int]:
     """Write `graph` as a qwen3next GGUF at `out` (atomic). Returns the count of tensors per GGUF type.
@@ -370,6 +399,9 @@ def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for e in (progress_iter(entries, "writing gguf") if progress else entries):
+            if e.pt.rule.pack is names._stack and e.pt.rule.value is None:  # stacked experts: one at a time
+                write_stacked(w, graph, e, requant)
+                continue
             data = tensor_data(graph, e, requant)
             want, dt, _ = byte_layout(e)
             if data.shape != want or data.dtype != dt:

@@ -396,7 +396,9 @@ def stored_scheme(graph: Graph, name: str) -> str:
     t = graph.tensors[name]
     if isinstance(t, QuantRef):
         return t.meta["scheme"]
-    return t.scheme if isinstance(t, QuantizedTensor) else "dense"  # lazy or loaded dense tensors
+    if isinstance(t, QuantizedTensor):
+        return t.scheme
+    return getattr(t, "scheme", None) or "dense"  # a pending quantized tensor knows its scheme; dense ones: None
 
 
 def _expert_scheme(b: Builder, p: str) -> str:

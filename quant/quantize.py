@@ -14,7 +14,8 @@ import json
 import tempfile
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,29 +49,45 @@ class TensorRecord:
 
 
 class Prefetcher:
-    """Lazy tensors computed by a thread pool at most `window` ahead of the consumer, in consumption order.
+    """Lazy tensors computed by a thread pool ahead of the consumer, in a declared consumption order.
 
-    `Graph.save` calls `.load()` on each in order; each load submits the jobs up to `window` further and waits for
-    its own. Memory stays bounded by `window` results.
+    Each `result(name)` returns the job's value for `name` and tops up the jobs that follow it in `names`: at
+    most `window` of them and at most `budget` bytes in flight (`sizes[name]`, the bytes a job holds); a tensor
+    larger than the budget is never run ahead, it is computed when asked for. A request out of the declared order
+    is computed on demand (so is a repeated one) and prefetched jobs behind it are dropped: memory stays bounded
+    by `budget` plus the tensor being consumed, whatever order the consumer really uses.
     """
 
-    def __init__(self, names: list[str], job: Callable[[str], Any], workers: int, window: int):
+    def __init__(self, names: list[str], job: Callable[[str], Any], workers: int, window: int,
+                 sizes: dict[str, int] | None = None, budget: int = 1 << 62):
         self.names, self.job, self.window = names, job, window
+        self.sizes, self.budget = sizes or {}, budget
         self.pos = {n: i for i, n in enumerate(names)}
         self.futures: dict[str, Future] = {}
-        self.submitted = 0
+        self.consumed: set[str] = set()
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nextq-quant")
 
+    def _top_up(self, i: int) -> None:
+        """Drop jobs before position i (skipped by the consumer); submit the next ones within window and budget."""
+        for n in [n for n in self.futures if self.pos[n] < i]:
+            self.futures.pop(n).cancel()
+        held = sum(self.sizes.get(n, 0) for n in self.futures)
+        for n in self.names[i + 1:i + 1 + self.window]:
+            if n in self.futures or n in self.consumed:
+                continue
+            size = self.sizes.get(n, 0)
+            if held + size > self.budget:
+                break
+            self.futures[n] = self.pool.submit(self.job, n)
+            held += size
+
     def result(self, name: str) -> Any:
         with self.lock:
-            upto = min(len(self.names), self.pos[name] + 1 + self.window)
-            while self.submitted < upto:
-                n = self.names[self.submitted]
-                self.futures[n] = self.pool.submit(self.job, n)
-                self.submitted += 1
-            fut = self.futures.pop(name)
-        return fut.result()
+            fut = self.futures.pop(name, None)
+            self.consumed.add(name)
+            self._top_up(self.pos[name])
+        return fut.result() if fut is not None else self.job(name)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -78,14 +95,86 @@ class Prefetcher:
 
 @dataclass(frozen=True)
 class PendingTensor:
-    """A graph entry whose value the prefetcher produces (the quantized tensor or the kept/cast dense one)."""
+    """A graph entry whose value the prefetcher produces (the quantized tensor or the kept/cast dense one).
+
+    `scheme` is the planned quantization scheme (None when the tensor stays dense) and `dtype` the planned dense
+    dtype (None when quantized), so exporters can choose output types without loading it.
+    """
 
     name: str
     shape: tuple[int, ...]
     prefetcher: Prefetcher
+    scheme: str | None = None
+    dtype: torch.dtype | None = None
 
     def load(self) -> Any:
         return self.prefetcher.result(self.name)
+
+
+PREFETCH_BYTES = 256 << 20  # source bytes run ahead of the consumer (a few hundred experts, or one big matrix)
+
+
+def _source_bytes(t: Any) -> int:
+    n = 1
+    for dim in t.shape:
+        n *= dim
+    dtype = getattr(t, "dtype", None)
+    return n * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
+
+
+@contextmanager
+def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.CalibrationStats | None = None,
+                   method: str = "gptq", min_tokens: int = calibrate.MIN_TOKENS, workers: int = 2,
+                   order: list[str] | None = None, records: dict[str, TensorRecord] | None = None,
+                   on_done: Callable[[str, int], None] | None = None) -> Iterator[Graph]:
+    """`graph` quantized with `recipe`, lazily: a Graph of PendingTensors computed by `workers` threads.
+
+    Consume it (Graph.save, export_gguf, export_onnx) inside the `with`; jobs run ahead in `order` (default: the
+    graph's), so pass the order the consumer reads in (e.g. `gguf_export.consumption_order`). Each finished tensor
+    is recorded in `records` and reported to `on_done(name, source bytes)` (progress).
+    """
+    if method not in calibrate.QUANTIZERS:
+        raise NextqError(f"calibration method: unknown {method!r}; supported: {', '.join(calibrate.QUANTIZERS)}")
+    already = next((n for n, t in graph.tensors.items() if isinstance(t, (QuantRef, QuantizedTensor))), None)
+    if already is not None:
+        raise CheckpointError(f"{already}: the input IR is already quantized ({graph.get(already).scheme}); "
+                              "quantize from a float IR")
+    shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
+    plan = plan_schemes(recipe, graph.config, shapes)
+    sizes = {n: _source_bytes(t) for n, t in graph.tensors.items()}
+    records = {} if records is None else records
+
+    def job(name: str):
+        entry = plan[name]
+        try:
+            t, how, tokens = quantize_tensor(name, graph.get(name), entry, stats, method, min_tokens)
+        except (ValueError, RuntimeError) as e:  # say which tensor (which expert) failed
+            raise NextqError(f"{name}: quantizing as {entry.scheme} failed: {e}") from e
+        n = 1
+        for dim in shapes[name]:
+            n *= dim
+        records[name] = TensorRecord(name, entry.cls, entry.scheme, how, tokens, n, _nbytes(t))
+        if on_done is not None:
+            on_done(name, sizes[name])
+        return t
+
+    names = list(graph.tensors)
+    order = list(order) if order is not None else names
+    if sorted(order) != sorted(names):
+        raise NextqError(f"quantized_view: order lists {len(order)} tensors, the graph has {len(names)}")
+    pre = Prefetcher(order, job, workers, window=4 * workers, sizes=sizes, budget=PREFETCH_BYTES)
+
+    def planned(n: str) -> tuple[str | None, torch.dtype | None]:
+        s = plan[n].scheme
+        if s == KEEP:
+            return None, graph.tensors[n].dtype
+        return (None, FLOAT_DTYPES[s]) if s in FLOAT_DTYPES else (s, None)
+
+    lazy = {n: PendingTensor(n, shapes[n], pre, *planned(n)) for n in names}
+    try:
+        yield Graph(graph.config, lazy, dict(graph.provenance), dict(graph.assets))
+    finally:
+        pre.close()
 
 
 def _nbytes(t: torch.Tensor | QuantizedTensor) -> int:
@@ -107,48 +196,24 @@ def quantize_tensor(name: str, t: torch.Tensor, entry: PlanEntry, stats: calibra
 def quantize_graph(graph: Graph, recipe: Recipe, out: str | Path, *, force: bool = False,
                    stats: calibrate.CalibrationStats | None = None, method: str = "gptq",
                    min_tokens: int = calibrate.MIN_TOKENS, workers: int = 2,
-                   progress: Callable | None = None) -> dict:
+                   progress: Callable | None = None, on_done: Callable[[str, int], None] | None = None) -> dict:
     """Quantize `graph` with `recipe` into the IR directory `out`; returns the report (also stored in the IR).
 
     With `stats` (from `calibrate.collect_stats`), int4 tensors whose input was recorded are quantized with
     `method`; the rest of the int4 tensors, and every tensor with too few tokens, with RTN.
     """
-    if method not in calibrate.QUANTIZERS:
-        raise NextqError(f"calibration method: unknown {method!r}; supported: {', '.join(calibrate.QUANTIZERS)}")
-    already = next((n for n, t in graph.tensors.items() if isinstance(t, (QuantRef, QuantizedTensor))), None)
-    if already is not None:
-        raise CheckpointError(f"{already}: the input IR is already quantized ({graph.get(already).scheme}); "
-                              "quantize from a float IR")
-    shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
-    plan = plan_schemes(recipe, graph.config, shapes)
     records: dict[str, TensorRecord] = {}
-
-    def job(name: str):
-        entry = plan[name]
-        try:
-            t, how, tokens = quantize_tensor(name, graph.get(name), entry, stats, method, min_tokens)
-        except (ValueError, RuntimeError) as e:  # say which tensor (which expert) failed
-            raise NextqError(f"{name}: quantizing as {entry.scheme} failed: {e}") from e
-        n = 1
-        for dim in shapes[name]:
-            n *= dim
-        records[name] = TensorRecord(name, entry.cls, entry.scheme, how, tokens, n, _nbytes(t))
-        return t
-
-    names = list(graph.tensors)
-    pre = Prefetcher(names, job, workers, window=4 * workers)
-    calibrated = {n for n, e in plan.items() if calibrate.is_calibratable(e.scheme)}
-    coverage = (calibrate.coverage_report(stats, calibrated, min_tokens, method) if stats is not None else None)
-    provenance = {**graph.provenance, "quantization": {"recipe": recipe.to_json(),
-                                                        "calibration": _summary(coverage)}}
-    with tempfile.TemporaryDirectory() as tmp:
-        assets = dict(graph.assets)
+    with quantized_view(graph, recipe, stats=stats, method=method, min_tokens=min_tokens, workers=workers,
+                        records=records, on_done=on_done) as qgraph, tempfile.TemporaryDirectory() as tmp:
+        plan = plan_schemes(recipe, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})
+        calibrated = {n for n, e in plan.items() if calibrate.is_calibratable(e.scheme)}
+        coverage = (calibrate.coverage_report(stats, calibrated, min_tokens, method) if stats is not None else None)
+        qgraph.provenance = {**graph.provenance, "quantization": {"recipe": recipe.to_json(),
+                                                                   "calibration": _summary(coverage)}}
         if coverage is not None:
             (Path(tmp) / REPORT_MD).write_text(calibrate.coverage_markdown(coverage))
-            assets[REPORT_MD] = Path(tmp) / REPORT_MD
-        assets[REPORT_JSON] = Path(tmp) / REPORT_JSON
-        lazy = {n: PendingTensor(n, shapes[n], pre) for n in names}
-        qgraph = Graph(graph.config, lazy, provenance, assets)
+            qgraph.assets[REPORT_MD] = Path(tmp) / REPORT_MD
+        qgraph.assets[REPORT_JSON] = Path(tmp) / REPORT_JSON
         report: dict = {}
 
         def write_report(items):  # runs inside save, after the last tensor and before the assets are copied
@@ -156,11 +221,7 @@ def quantize_graph(graph: Graph, recipe: Recipe, out: str | Path, *, force: bool
             report.update(build_report(recipe, records, coverage))
             (Path(tmp) / REPORT_JSON).write_text(json.dumps(report, indent=1))
 
-        try:
-            qgraph.save(out, force=force,
-                        progress=lambda xs: write_report(progress(xs) if progress else xs))
-        finally:
-            pre.close()
+        qgraph.save(out, force=force, progress=lambda xs: write_report(progress(xs) if progress else xs))
     return report
 
 

@@ -7,7 +7,8 @@ Dimensions: hidden 2048, vocab 151936, 512 experts of 512 (top-10) + a shared ex
 layer i full attention when (i+1) % 4 == 0. With --mtp, one MTP layer (`mtp.*`) as on the Hub.
 Weights: normal with std 1/sqrt(fan_in) scaled like a trained model (embeddings 0.02), zero-centred norm weights
 around 0 with std 0.05, A_log = log(U(1, 16)), dt_bias ~ U(0, 1); deterministic from --seed. Written shard by
-shard (bounded memory), with model.safetensors.index.json.
+shard (bounded memory), with model.safetensors.index.json. No tokenizer is generated: --tokenizer DIR copies the
+tokenizer files found in DIR (e.g. one written by scripts/qwen_tokenizer.py, the real Qwen vocabulary).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,6 +31,9 @@ REAL = dict(
     max_position_embeddings=262144, rope_theta=10000000.0, partial_rotary_factor=0.25, decoder_sparse_step=1,
     mlp_only_layers=[], hidden_act="silu", tie_word_embeddings=False, full_attention_interval=4,
 )
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "chat_template.jinja")
 
 
 def layer_shapes(c: dict, prefix: str, full: bool) -> dict[str, tuple[int, ...]]:
@@ -95,6 +100,7 @@ def main():
     ap.add_argument("--mtp", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=1.0)
+    ap.add_argument("--tokenizer", type=Path, help="Copy the tokenizer files of this directory in.")
     args = ap.parse_args()
     c = dict(REAL, num_hidden_layers=args.layers)
     shapes = all_shapes(c, args.layers, args.mtp)
@@ -127,6 +133,12 @@ def main():
     if args.mtp:
         config["mtp_num_hidden_layers"] = 1
     (args.out / "config.json").write_text(json.dumps(config, indent=1))
+    if args.tokenizer is not None:
+        found = [f for f in TOKENIZER_FILES if (args.tokenizer / f).is_file()]
+        if "tokenizer.json" not in found:
+            raise SystemExit(f"error: {args.tokenizer}: no tokenizer.json")
+        for f in found:
+            shutil.copyfile(args.tokenizer / f, args.out / f)
     print(f"{args.out}: {args.layers} layers, {total / 1e9:.2f} GB in {len(groups)} shards")
 
 

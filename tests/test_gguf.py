@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,15 @@ import torch
 
 from conftest import build_checkpoint, hf_logits
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import qwen_tokenizer  # noqa: E402  (scripts/qwen_tokenizer.py: the real Qwen vocabulary from dashscope)
+
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 from nextq.convert.gguf_export import GGUFOptions, decode, export_gguf, plan  # noqa: E402
 from nextq.convert.gguf_import import read_gguf  # noqa: E402
-from nextq.errors import UnsupportedModelError  # noqa: E402
+from nextq.errors import NextqError, UnsupportedModelError  # noqa: E402
 from nextq.graph import Graph  # noqa: E402
 from nextq.pipeline import embedded_model  # noqa: E402
 from nextq.quant import quantize  # noqa: E402
@@ -341,67 +343,13 @@ def test_tokenizer_parity_embedded(tmp_path):
     _assert_same_tokens(TINY, _vocab_only_gguf(TINY, vocab, tmp_path / "v.gguf"))
 
 
-def _qwen_tokenizer_json(ranks_file: Path, out: Path) -> int:
-    """A Qwen2-style tokenizer.json from qwen.tiktoken (real Qwen BPE ranks): merges recovered by re-running BPE
-    on each token up to its own rank, as llama.cpp's converter does for tiktoken vocabularies."""
-    import base64
-
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    ranks = {}
-    for line in ranks_file.read_text().splitlines():
-        if line:
-            b64, r = line.split()
-            ranks[base64.b64decode(b64)] = int(r)
-    b2u = bytes_to_unicode()
-
-    def text(b: bytes) -> str:
-        return "".join(b2u[x] for x in b)
-
-    def split(token: bytes, rank: int) -> list[bytes]:
-        parts = [bytes([x]) for x in token]
-        while True:
-            best = min(((ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))
-                        if ranks.get(a + b) is not None), default=None)
-            if best is None or best[0] >= rank:
-                return parts
-            i = best[1]
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-
-    vocab = {text(b): r for b, r in ranks.items()}
-    merges = []
-    for b, r in sorted(ranks.items(), key=lambda x: x[1]):
-        if len(b) > 1:
-            p = split(b, r)
-            assert len(p) == 2, b
-            merges.append([text(p[0]), text(p[1])])
-    n = len(ranks)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tj = json.loads((TINY / "tokenizer.json").read_text())
-    tj["model"]["vocab"], tj["model"]["merges"] = vocab, merges
-    tj["added_tokens"] = [{"id": n + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                           "normalized": False, "special": True} for i, s in enumerate(specials)]
-    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-    return n + len(specials)
-
-
 @pytest.fixture(scope="module")
 def qwen_vocab(tmp_path_factory):
-    cache = Path(tmp_path_factory.getbasetemp()).parent / "nextq-dashscope"
-    cache.mkdir(exist_ok=True)
-    wheels = list(cache.glob("dashscope-*.whl"))
-    if not wheels:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "dashscope", "-d", str(cache)],
-                           capture_output=True, text=True)
-        wheels = list(cache.glob("dashscope-*.whl"))
-        if not wheels:
-            pytest.skip(f"cannot download dashscope (ships qwen.tiktoken): {r.stderr.strip()[-200:]}")
     out = tmp_path_factory.mktemp("qwen-vocab")
-    with zipfile.ZipFile(wheels[0]) as z:
-        (out / "qwen.tiktoken").write_bytes(z.read("dashscope/resources/qwen.tiktoken"))
-    return out, _qwen_tokenizer_json(out / "qwen.tiktoken", out)
+    try:
+        return out, qwen_tokenizer.build(out, Path(tmp_path_factory.getbasetemp()).parent / "nextq-dashscope")
+    except NextqError as e:
+        pytest.skip(str(e))
 
 
 def test_tokenizer_parity_real_qwen_vocab(qwen_vocab, tmp_path):
