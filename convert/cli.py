@@ -2,7 +2,7 @@
 `--recipe` / `--to`, straight to a quantized IR, GGUF file or ONNX directory without an intermediate on disk.
 
 The direct path reads the checkpoint lazily, quantizes one tensor (one expert's matrix) at a time on `--workers`
-threads that run a bounded window ahead of the writer, in the writer's own order (`quant.quantize.quantized_view`
+threads that run a bounded window ahead of the writer, in the writer's own order (`quant.apply.quantized_view`
 + `gguf_export.consumption_order`), and hands that lazy quantized graph to the exporter: memory is bounded by the
 largest output tensor (GGUF: one layer's stacked experts) plus the prefetch budget, whatever the model's size.
 """
@@ -58,7 +58,7 @@ def convert_direct(source: str, output: Path, recipe: str, to: str = "gguf", rev
 
     Summary: {"tensors": per-output-type counts (gguf) or the quantization report (ir), "source_bytes": n}.
     """
-    from nextq.quant.quantize import _source_bytes, quantize_graph, quantized_view
+    from nextq.quant.apply import _source_bytes, quantize_graph, quantized_view
     from nextq.quant.recipes import get_recipe
 
     from .hf import read_hf

@@ -16,7 +16,6 @@ always F32 (llama.cpp's converter rule).
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,8 @@ import numpy as np
 import torch
 
 from nextq.console import console, progress_iter
-from nextq.errors import CheckpointError, OutputExistsError, UnsupportedModelError
-from nextq.graph import Graph
+from nextq.errors import CheckpointError, UnsupportedModelError
+from nextq.graph import Graph, atomic_output
 
 from . import gguf_names as names
 
@@ -115,7 +114,7 @@ def describe(t: Any) -> tuple[str, str]:
     """('dense', dtype) or ('quant', scheme) of a graph tensor without loading it."""
     if hasattr(t, "meta") and isinstance(getattr(t, "meta"), dict):  # QuantRef
         return "quant", t.meta["scheme"]
-    if getattr(t, "scheme", None) is not None:  # QuantizedTensor, or a pending one (quant.quantize.PendingTensor)
+    if getattr(t, "scheme", None) is not None:  # QuantizedTensor, or a pending one (quant.apply.PendingTensor)
         return "quant", t.scheme
     return "dense", str(t.dtype).removeprefix("torch.")
 
@@ -328,27 +327,6 @@ def write_tokenizer(w, graph: Graph) -> None:
 
 # ---- the writer ----------------------------------------------------------------------------------------------
 
-class atomic_output_file:
-    """Yields a temporary sibling path, renamed to `out` on success; refuses an existing `out` without force."""
-
-    def __init__(self, out: Path, force: bool):
-        self.out, self.force = Path(out), force
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and not self.force:
-            raise OutputExistsError(f"{self.out}: output exists (pass --force to overwrite)")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return False
-        os.replace(self.tmp, self.out)
-        return False
-
-
 def write_stacked(w, graph: Graph, e: Entry, requant: Requant) -> None:
     """Write a stacked-experts tensor expert by expert (memory: one expert, not the layer's stack).
 
@@ -387,7 +365,7 @@ def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions()
     out = Path(out)
     requant = Requant()
     name = name or Path(str(graph.provenance.get("source") or out.stem)).name
-    with atomic_output_file(out, force) as tmp:
+    with atomic_output(out, force, directory=False) as tmp:
         w = gguf.GGUFWriter(tmp, names.ARCH)
         write_metadata(w, graph, entries, name)
         write_tokenizer(w, graph)

@@ -490,29 +490,42 @@ def _abbrev(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
-class atomic_output_dir:
-    """Context manager: yields a temporary sibling directory, renamed to `out` only on success.
+class atomic_output:
+    """Context manager: yields a temporary sibling path, renamed to `out` only on success.
 
-    Refuses an existing `out` unless `force`; on any error the temporary directory is removed.
+    Refuses an existing `out` unless `force`; on any error the temporary file or directory is removed. With
+    `directory=True` the temporary path is created as an empty directory (writers fill it); otherwise the writer
+    creates the file.
     """
 
-    def __init__(self, out: Path, force: bool):
-        self.out, self.force = Path(out), force
+    def __init__(self, out: Path, force: bool, directory: bool = True):
+        self.out, self.force, self.directory = Path(out), force, directory
 
     def __enter__(self) -> Path:
         if self.out.exists() and not self.force:
             raise OutputExistsError(f"{self.out}: output exists (pass --force to overwrite)")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        _remove(self.tmp)
+        if self.directory:
+            self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            _remove(self.tmp)
             return False
-        if self.out.exists():
-            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
+        _remove(self.out)
         os.replace(self.tmp, self.out)
         return False
+
+
+def atomic_output_dir(out: Path, force: bool) -> atomic_output:
+    return atomic_output(out, force, directory=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

@@ -88,7 +88,7 @@ def disk_size(path: Path, weights_only: bool = False) -> int:
 
 def quantize_ir(ir: Path, recipe: str, out: Path) -> dict:
     """The recipe API of nextq.quant: one call; returns its quantization report."""
-    from .quant.quantize import quantize_graph
+    from .quant.apply import quantize_graph
     from .quant.recipes import get_recipe
 
     return quantize_graph(Graph.load(ir), get_recipe(recipe), out)

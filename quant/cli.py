@@ -45,7 +45,7 @@ def quantize_cmd(ir, output, recipe, calibrate, calib_text, calib_tokens, method
     from nextq.graph import Graph
 
     from . import calibrate as cal
-    from .quantize import REPORT_MD, quantize_graph
+    from .apply import REPORT_MD, quantize_graph
     from .recipes import plan_schemes
 
     rec = get_recipe(recipe)

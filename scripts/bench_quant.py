@@ -40,7 +40,7 @@ from nextq.graph import Graph
 from nextq.pipeline import embedded_model
 from nextq.errors import RecipeError
 from nextq.quant import calibrate
-from nextq.quant.quantize import quantize_graph
+from nextq.quant.apply import quantize_graph
 from nextq.quant.recipes import RECIPES
 from nextq.runtime.model import TorchModel
 from nextq.validate.metrics import kl_divergence, perplexity, top1_agreement

@@ -19,7 +19,7 @@ from nextq.cli import main
 from nextq.convert.cli import convert
 from nextq.graph import Graph
 from nextq.pipeline import embedded_model
-from nextq.quant.quantize import Prefetcher, quantize_graph
+from nextq.quant.apply import Prefetcher, quantize_graph
 from nextq.quant.recipes import get_recipe
 
 gguf = pytest.importorskip("gguf")

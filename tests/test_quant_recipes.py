@@ -23,7 +23,7 @@ from nextq.graph import Graph
 from nextq.pipeline import embedded_model
 from nextq.quant import QuantizedTensor, dequantize, quantize, to_gguf_q4_0_blocks
 from nextq.quant import calibrate
-from nextq.quant.quantize import REPORT_JSON, REPORT_MD, quantize_graph
+from nextq.quant.apply import REPORT_JSON, REPORT_MD, quantize_graph
 from nextq.quant.recipes import (
     RECIPES,
     Override,
@@ -312,3 +312,18 @@ def test_cli_quantize_recipes_inspect(ir, tmp_path):
     assert res.exit_code == 0 and all(name in res.output for name in RECIPES)
     res = runner.invoke(main, ["inspect", str(tmp_path / "q")])
     assert res.exit_code == 0 and "int4_sym_g32" in res.output and "fp8_block128" in res.output
+
+
+def test_quantize_function_is_not_shadowed_by_a_submodule():
+    """`from nextq.quant import quantize` is the scheme function even after every quant submodule is imported
+    (a submodule named `quantize` once replaced it on the package)."""
+    import importlib
+    import pkgutil
+
+    import nextq.quant
+
+    for m in pkgutil.iter_modules(nextq.quant.__path__):
+        importlib.import_module(f"nextq.quant.{m.name}")
+    from nextq.quant import quantize
+
+    assert callable(quantize) and quantize.__module__ == "nextq.quant.schemes"
