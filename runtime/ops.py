@@ -114,7 +114,6 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
     x: [B, T, C]; weight: [C, K]; state: [B, C, K-1] (zeros at the start of a sequence).
     Returns y [B, T, C] and the new state [B, C, K-1].
     """
-    t = x.shape[1]
     xs = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
     y = F.conv1d(xs, weight.to(x.dtype)[:, None, :], groups=x.shape[-1])  # [B, C, T]
     return F.silu(y).transpose(1, 2).contiguous(), xs[:, :, xs.shape[-1] - state.shape[-1]:].contiguous()

@@ -3,7 +3,6 @@ on bad input with nothing left behind."""
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np

@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton", reason="the GPU kernels need Triton")
 
 from nextq.quant import quantize  # noqa: E402
 from nextq.runtime import cuda_ops, ops  # noqa: E402
-from nextq.runtime.triton import conv_update, gdr_chunk, gdr_recurrent, norms  # noqa: E402
+from nextq.runtime.triton import gdr_chunk, gdr_recurrent, norms  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
