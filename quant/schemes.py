@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -71,9 +72,25 @@ def get_scheme(name: str) -> Scheme:
     return SCHEMES[name]
 
 
+CHUNK_ELEMENTS = 1 << 24  # quantize larger weights in row blocks: float32 temporaries stay ~64 MB each
+CHUNK_ROWS_MULTIPLE = 128  # every scheme's scale layout is row-major in blocks of at most 128 rows
+
+
 def quantize(w: torch.Tensor, scheme: str) -> QuantizedTensor:
-    """Quantize a weight `[N, K]` (any float dtype; computed in float32) with a registered scheme."""
-    return get_scheme(scheme).quantize(w)
+    """Quantize a weight `[N, K]` (any float dtype; computed in float32) with a registered scheme.
+
+    Large weights (an 80B model's 151936 x 2048 embedding) go through in row blocks of a multiple of 128 rows and
+    are concatenated: every scheme works on rows or 128-row blocks, so the result is identical to one pass
+    (tests/test_quant_schemes.py checks it) while the float32 temporaries stay bounded.
+    """
+    s = get_scheme(scheme)
+    if w.dim() != 2 or w.numel() <= CHUNK_ELEMENTS:
+        return s.quantize(w)
+    rows = max(CHUNK_ROWS_MULTIPLE, CHUNK_ELEMENTS // w.shape[1] // CHUNK_ROWS_MULTIPLE * CHUNK_ROWS_MULTIPLE)
+    parts = [s.quantize(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+    return dataclasses.replace(parts[0], shape=tuple(w.shape), data=cat([p.data for p in parts]),
+                               scales=cat([p.scales for p in parts]), zero_points=cat([p.zero_points for p in parts]))
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
