@@ -87,10 +87,23 @@ def quantize(w: torch.Tensor, scheme: str) -> QuantizedTensor:
     if w.dim() != 2 or w.numel() <= CHUNK_ELEMENTS:
         return s.quantize(w)
     rows = max(CHUNK_ROWS_MULTIPLE, CHUNK_ELEMENTS // w.shape[1] // CHUNK_ROWS_MULTIPLE * CHUNK_ROWS_MULTIPLE)
-    parts = [s.quantize(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
-    cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
-    return dataclasses.replace(parts[0], shape=tuple(w.shape), data=cat([p.data for p in parts]),
-                               scales=cat([p.scales for p in parts]), zero_points=cat([p.zero_points for p in parts]))
+    first = s.quantize(w[:rows])
+    n = w.shape[0]
+
+    def alloc(x: torch.Tensor | None) -> torch.Tensor | None:
+        # per-row fields have n rows, per-128-row-block fields ceil(n / 128): both are ceil(n * rows_x / rows)
+        return None if x is None else x.new_empty((-(-n * x.shape[0] // rows), *x.shape[1:]))
+
+    fields = ("data", "scales", "zero_points")
+    out = {f: alloc(getattr(first, f)) for f in fields}
+    for i in range(0, n, rows):  # fill in place: no list of parts beside the result
+        part = first if i == 0 else s.quantize(w[i:i + rows])
+        for f in fields:
+            x = getattr(part, f)
+            if x is not None:
+                at = i * getattr(first, f).shape[0] // rows  # rows of this field before input row i
+                out[f][at:at + x.shape[0]] = x
+    return dataclasses.replace(first, shape=tuple(w.shape), **out)
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
