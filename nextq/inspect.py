@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,15 +24,8 @@ def tensor_storage(graph: Graph) -> dict[str, tuple[str, int]]:
             nbytes = sum(s.end - s.begin for k, s in hdr.items() if k.startswith(name + "."))
             info[name] = (t.meta["scheme"], nbytes)
         else:
-            info[name] = (str(t.dtype).removeprefix("torch."), numel(t.shape) * t.dtype.itemsize)
+            info[name] = (str(t.dtype).removeprefix("torch."), math.prod(t.shape) * t.dtype.itemsize)
     return info
-
-
-def numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def summary_rows(graph: Graph) -> list[dict]:
@@ -44,8 +38,8 @@ def summary_rows(graph: Graph) -> list[dict]:
             continue
         kinds: dict[str, int] = defaultdict(int)
         for n in names:
-            kinds[storage[n][0]] += numel(graph.tensors[n].shape)
-        params = sum(numel(graph.tensors[n].shape) for n in names)
+            kinds[storage[n][0]] += math.prod(graph.tensors[n].shape)
+        params = sum(math.prod(graph.tensors[n].shape) for n in names)
         nbytes = sum(storage[n][1] for n in names)
         if block.kind == "Layer":
             mixer = block.mixer.kind

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", form
         t0 = time.perf_counter()
         graph = convert(source, tmp / "ir", revision)
         timings["convert_s"] = time.perf_counter() - t0
-        params = sum(_numel(s.shape) for s in expected_tensors(graph.config).values())
+        params = sum(math.prod(s.shape) for s in expected_tensors(graph.config).values())
         original = Path(source) if Path(source).is_dir() else tmp / "ir"  # a Hub source: the converted IR
 
         t0 = time.perf_counter()
@@ -240,10 +241,3 @@ def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", form
     console.print(f"[green]done[/]: {output}/ (ir/, quantized/, "
                   f"{''.join(EXPORTERS[f].artifact + ', ' for f in formats)}reports/, summary.md)")
     return rows
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

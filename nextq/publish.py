@@ -32,6 +32,7 @@ batch / Xet dedup answer "already present"). The token comes from HF_TOKEN or th
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -44,7 +45,7 @@ import click
 
 from .console import console, out
 from .errors import PublishError
-from .inspect import human, numel
+from .inspect import human
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a Hub "namespace/name" (local paths never match twice)
 PROMPT = "def fibonacci(n):"
@@ -275,7 +276,7 @@ def recipe_rows(ir: Path) -> tuple[list[list[str]], dict[str, Any]]:
     classes = tensor_classes(graph.config)
     acc: dict[str, dict[str, Any]] = defaultdict(lambda: {"schemes": defaultdict(int), "params": 0, "bytes": 0})
     for name, (scheme, nbytes) in storage.items():
-        a, n = acc[classes[name]], numel(graph.tensors[name].shape)
+        a, n = acc[classes[name]], math.prod(graph.tensors[name].shape)
         a["schemes"][scheme] += n
         a["params"] += n
         a["bytes"] += nbytes
