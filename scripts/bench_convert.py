@@ -26,32 +26,19 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import llama_cpp_converter  # noqa: E402
 import qwen_tokenizer  # noqa: E402
 
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-SDIST_CACHE = Path(tempfile.gettempdir()) / "nextq-llama-sdist"
 THREADS = 2
 N_TOKENS = 64
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1859 Charles Darwin published On the Origin of Species, "
         "arguing that populations evolve over generations through natural selection; def f(x): return x * 2 + 1")
-# llama.cpp names the pre-tokenizer from a hash of token ids; the Qwen vocabulary here is Qwen2's, so the lookup is
-# pinned to "qwen2" (the test suite's converter runs do the same) and nothing else is touched.
-RUN_CONVERTER = """
-import runpy, sys
-root = sys.argv.pop(1)
-sys.path[:0] = [root + "/gguf-py", root]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv[0] = root + "/convert_hf_to_gguf.py"
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 RUN_QUANTIZE = """
 import ctypes, sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
@@ -71,18 +58,6 @@ np.save(sys.argv[3], np.asarray(llm.scores[:len(ids)], np.float32))
 QTYPES = {"q4_0": 2, "q4_k_m": 15}  # llama_ftype
 # int4: experts Q4_0, the rest bf16; int4-compact: every matrix Q4_0 but lm_head Q8_0 (Q4_0's size)
 NEXTQ_RECIPES = ("int4", "int4-compact")
-
-
-def llama_cpp_root() -> Path:
-    """The llama.cpp tree of the llama-cpp-python sdist (pip download, cached)."""
-    root = SDIST_CACHE / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-    if not (root / "convert_hf_to_gguf.py").is_file():
-        SDIST_CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        LLAMA_CPP_PYTHON, "-d", str(SDIST_CACHE)], check=True, capture_output=True)
-        with tarfile.open(next(SDIST_CACHE.glob("llama_cpp_python-0.3.36.tar.gz"))) as tf:
-            tf.extractall(SDIST_CACHE, filter="data")
-    return root
 
 
 def timed(args: list[str], log: Path) -> dict:
@@ -153,8 +128,8 @@ def bench_one(n: int, work: Path, tok: Path, bw: dict, llama_root: Path) -> dict
                                           "-o", str(d / f"nextq-{recipe}.gguf"), "--workers", str(THREADS)],
                                          d / f"nextq-{recipe}.log")
         print(f"[N={n}] nextq {recipe}: {steps[f'nextq_{recipe}']}", flush=True)
-    steps["llama_bf16"] = timed([sys.executable, "-c", RUN_CONVERTER, str(llama_root), str(src), "--outtype", "bf16",
-                                 "--outfile", str(d / "bf16.gguf"), "--no-mtp"], d / "convert.log")
+    steps["llama_bf16"] = timed(llama_cpp_converter.converter_command(llama_root, src, "--outtype", "bf16", "--outfile",
+                                                                   d / "bf16.gguf", "--no-mtp"), d / "convert.log")
     print(f"[N={n}] llama.cpp convert bf16: {steps['llama_bf16']}", flush=True)
     for q, ftype in QTYPES.items():
         steps[f"llama_{q}"] = timed([sys.executable, "-c", RUN_QUANTIZE, str(d / "bf16.gguf"), str(d / f"{q}.gguf"),
@@ -215,7 +190,7 @@ def main():
     tok = args.work / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
         qwen_tokenizer.build(tok)
-    llama_root = llama_cpp_root()
+    llama_root = llama_cpp_converter.source_root(Path(tempfile.gettempdir()) / "nextq-llama-sdist")
     bw = disk_bandwidth(args.work)
     print(f"disk: write {bw['write_bps'] / 1e6:.0f} MB/s, read {bw['read_bps'] / 1e6:.0f} MB/s", flush=True)
     doc = {"threads": THREADS, "tokens": N_TOKENS, "disk": bw, "results": []}

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -45,21 +43,10 @@ from nextq.quant.recipes import RECIPES
 from nextq.runtime.model import TorchModel
 from nextq.validate.metrics import kl_divergence, perplexity, top1_agreement
 
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-GGUF_TYPES = {"Q8_0": 7, "Q6_K": 18, "Q4_K_M": 15, "Q4_0": 2}  # llama_ftype values (llama.h)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp_converter  # noqa: E402  (scripts/llama_cpp_converter.py)
 
-# convert_hf_to_gguf.py identifies the pre-tokenizer by hashing the tokenization of a fixed string and knows only
-# published vocabularies; our byte-level BPE is custom, so the check fails. Its split regex *is* Qwen2's (see
-# scripts/train_tiny.py), so we answer "qwen2" for it. The evaluation feeds token ids, never text, to llama.cpp.
-CONVERT_RUNNER = """
-import runpy, sys
-src, hf, out = sys.argv[1:4]
-sys.path[:0] = [src, src + "/gguf-py"]
-from conversion import base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv = ["convert_hf_to_gguf.py", hf, "--outtype", "f32", "--outfile", out]
-runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
-"""
+GGUF_TYPES = {"Q8_0": 7, "Q6_K": 18, "Q4_K_M": 15, "Q4_0": 2}  # llama_ftype values (llama.h)
 
 
 def windows_of(tokenizer, text: str, n: int, length: int) -> np.ndarray:
@@ -134,18 +121,6 @@ def bench_nextq(hf: Path, work: Path, ids: np.ndarray, heldout: str, calib_token
 # ---- llama.cpp ----------------------------------------------------------------------------------------------
 
 
-def llama_cpp_source(work: Path) -> Path:
-    """The vendored llama.cpp tree of the llama-cpp-python sdist (downloaded with pip once)."""
-    src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"), None)
-    if src is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        LLAMA_CPP_PYTHON, "-d", str(work)], check=True)
-        with tarfile.open(next(work.glob("llama_cpp_python-*.tar.gz"))) as tf:
-            tf.extractall(work, filter="data")
-        src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    return src
-
-
 def gguf_bits(path: Path) -> tuple[float, int, int]:
     """(bits per weight over all tensors, tensor data bytes, number of weights) of a GGUF file."""
     from gguf import GGUFReader
@@ -173,11 +148,11 @@ def llama_logits(path: Path, ids: np.ndarray) -> np.ndarray:
 def bench_llama_cpp(hf: Path, work: Path, ids: np.ndarray, nextq_ref: np.ndarray, log) -> tuple[list[dict], dict]:
     import llama_cpp
 
-    src = llama_cpp_source(work)
+    src = llama_cpp_converter.source_root(work)
     f32 = work / "model-F32.gguf"
     if not f32.is_file():
-        subprocess.run([sys.executable, "-c", CONVERT_RUNNER, str(src), str(hf), str(f32)], check=True,
-                       env={**os.environ, "NO_LOCAL_GGUF": "1"})
+        subprocess.run(llama_cpp_converter.converter_command(src, hf, "--outtype", "f32", "--outfile", f32),
+                       check=True)
     ref = llama_logits(f32, ids)
     check = drift(nextq_ref, ref, ids)
     log(f"llama.cpp F32 vs nextq reference: {json.dumps(check)}")

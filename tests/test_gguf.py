@@ -18,6 +18,7 @@ import torch
 from conftest import build_checkpoint, hf_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import llama_cpp_converter  # noqa: E402  (scripts/llama_cpp_converter.py: llama.cpp's own converter, pinned)
 import qwen_tokenizer  # noqa: E402  (scripts/qwen_tokenizer.py: the real Qwen vocabulary from dashscope)
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -233,36 +234,11 @@ def test_import_round_trip(models, tmp_path):
 @pytest.fixture(scope="module")
 def llama_converter(tmp_path_factory):
     """convert_hf_to_gguf.py from the llama-cpp-python sdist (pip download into pytest's cache dir)."""
-    import tarfile
+    try:
+        return llama_cpp_converter.source_root(Path(tmp_path_factory.getbasetemp()).parent / "nextq-llama-sdist")
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
-    cache = Path(tmp_path_factory.getbasetemp()).parent / "nextq-llama-sdist"
-    cache.mkdir(exist_ok=True)
-    sdists = list(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
-    if not sdists:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                            LLAMA_CPP_PYTHON, "-d", str(cache)], capture_output=True, text=True)
-        sdists = list(cache.glob("llama_cpp_python-0.3.36.tar.gz"))
-        if not sdists:
-            pytest.skip(f"cannot download the {LLAMA_CPP_PYTHON} sdist: {r.stderr.strip()[-200:]}")
-    root = cache / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-    if not (root / "convert_hf_to_gguf.py").is_file():
-        with tarfile.open(sdists[0]) as tf:
-            tf.extractall(cache, filter="data")
-    return root
-
-
-# llama.cpp's converter names the pre-tokenizer by hashing the token ids of a fixed text; a custom 96-token
-# vocabulary has no registered hash, so the run patches that one lookup to "qwen2" (what the fixture's Split
-# regex is) and leaves everything else untouched.
-RUN_CONVERTER = """
-import runpy, sys
-root = sys.argv.pop(1)
-sys.path[:0] = [root + "/gguf-py", root]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv[0] = root + "/convert_hf_to_gguf.py"
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 # Intentional metadata differences: general.name (llama.cpp derives it from the directory name, nextq from the
 # IR's source) and general.size_label (llama.cpp's "6x45K"-style parameter label; nextq does not write it).
@@ -277,8 +253,8 @@ def _fields(reader) -> dict:
 def test_same_file_as_llama_cpp_converter(models, llama_converter, tmp_path, key):
     ck, _, ours = models[key]
     ref = tmp_path / "ref.gguf"
-    args = [sys.executable, "-c", RUN_CONVERTER, str(llama_converter), str(ck), "--outtype", "f32",
-            "--outfile", str(ref)] + ([] if key == "mtp" else ["--no-mtp"])
+    args = llama_cpp_converter.converter_command(llama_converter, ck, "--outtype", "f32", "--outfile", ref,
+                                                 *([] if key == "mtp" else ["--no-mtp"]))
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
