@@ -12,7 +12,10 @@ split-half RoPE, softmax -> top-k MoE with a sigmoid-gated shared expert); diffe
 - routed experts stay packed (int4_sym codes + fp16 scales, fp8 codes + fp32 scales, or float) and are
   dequantized inside the MoE kernels (runtime/triton/moe_grouped.py); other quantized tensors are dequantized
   once at load to the compute dtype;
-- residual add + RMSNorm fused (runtime/triton/norms.py);
+- fused launches: residual add + RMSNorm (runtime/triton/norms.py); routing (softmax, top-k, the shared gate's
+  sigmoid) in one kernel; in decode, the shared expert inside the routed experts' two GEMV kernels, the DeltaNet
+  gates inside the recurrent step, the conv state updated in place; attention's q/k norm + RoPE + KV-cache write
+  in one kernel (runtime/triton/qk_rope.py);
 - caches are allocated once for `max_batch` x `max_seq`; a decode step reads the position from a device
   tensor, so the step is captured once per (batch, attention-length bucket) as a CUDA graph and replayed.
 Prefill always starts a new sequence (caches reset); `decode` accepts one token per sequence.
@@ -34,8 +37,6 @@ from nextq.quant import QuantizedTensor
 
 from . import cuda_ops  # noqa: F401  (registers the CUDA kernels of the custom ops)
 from .backends import Model, register_backend
-from .model import rope
-from .ops import route
 
 ATTN_BUCKET = 256  # decode attends over the cache rounded up to this many positions (one graph per bucket)
 
@@ -127,7 +128,10 @@ class GpuModel:
                 t = t.dequantize()
             return t.to(self.device, torch.float32 if keep32 else dtype)
 
+        from .triton.qk_rope import rope_inv_freq
+
         self.blocks: list[Layer] = [b for b in build_blocks(c) if isinstance(b, Layer)]
+        self.inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta, self.device)
         self.embed = dense("embed.weight")
         self.lm_head = self.embed if c.tie_word_embeddings else dense("lm_head.weight")
         self.final_norm = dense("norm.weight", keep32=True)
@@ -140,6 +144,8 @@ class GpuModel:
         return cls(graph.config, lambda n: graph.get(n) if n in names else None, **kw)
 
     def _load_layer(self, blk: Layer, get: TensorSource, dense) -> LayerWeights:
+        from .triton.moe_grouped import SharedExpert
+
         c, m = self.config, blk.mixer.prefix
         if isinstance(blk.mixer, GatedDeltaNet):
             parts = [dense(f"{m}.{n}.weight") for n in ("q", "k", "v", "z", "b", "a")]
@@ -162,8 +168,7 @@ class GpuModel:
         lw.sparse = isinstance(blk.ffn, SparseMoE)
         if lw.sparse:
             lw.ffn["router"] = torch.cat([dense(f"{p}.router.weight"), dense(f"{p}.shared_gate.weight")])
-            lw.ffn["shared_gate_up"] = torch.cat([dense(f"{p}.shared.gate.weight"), dense(f"{p}.shared.up.weight")])
-            lw.ffn["shared_down"] = dense(f"{p}.shared.down.weight")
+            lw.ffn["shared"] = SharedExpert.from_dense(*(dense(f"{p}.shared.{n}.weight") for n in ("gate", "up", "down")))
             for part in ("gate", "up", "down"):
                 stacked = get(f"{p}.experts.{part}")
                 if stacked is None:
@@ -183,7 +188,6 @@ class GpuModel:
             if lw.kind == "deltanet":
                 self.cache.append({
                     "conv": torch.zeros(b, conv_ch, c.linear_conv_kernel_dim - 1, device=dev, dtype=self.dtype),
-                    "conv_tmp": torch.zeros(b, conv_ch, c.linear_conv_kernel_dim - 1, device=dev, dtype=self.dtype),
                     "rec": torch.zeros(b, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
                                        device=dev, dtype=torch.float32)})
             else:
@@ -217,21 +221,20 @@ class GpuModel:
         nq, nk, nv, nz, nb, _ = lw.splits
         ch = nq + nk + nv
         qkv_in, z = proj[..., :ch], proj[..., ch:ch + nz]
-        beta = torch.sigmoid(proj[..., ch + nz:ch + nz + nb]).contiguous()
-        a = proj[..., ch + nz + nb:]
-        g = -lw.mixer["A_log"].exp() * F.softplus(a.float() + lw.mixer["dt_bias"])  # log decay [B, T, Hv] fp32
+        b_raw, a_raw = proj[..., ch + nz:ch + nz + nb], proj[..., ch + nz + nb:]
         qkv = torch.empty(b, t, ch, dtype=x.dtype, device=x.device)
-        conv, conv_tmp = st["conv"][:b], st["conv_tmp"][:b]
-        conv_into(qkv_in, lw.mixer["conv"], conv, qkv, conv_tmp)
-        conv.copy_(conv_tmp)
+        conv = st["conv"][:b]
+        conv_into(qkv_in, lw.mixer["conv"], conv, qkv, conv)  # state in place
         q = qkv[..., :nq].view(b, t, hk, dk)
         k = qkv[..., nq:nq + nk].view(b, t, hk, dk)
         v = qkv[..., nq + nk:].view(b, t, hv, dv)
         o = torch.empty(b, t, hv, dv, dtype=x.dtype, device=x.device)
         rec = st["rec"][:b]
-        if t == 1:
-            gdr_recurrent_into(q, k, v, g, beta, rec, o, rec)  # state in place
+        if t == 1:  # gates computed in the kernel from the raw projections; state in place
+            gdr_recurrent_into(q, k, v, a_raw, b_raw, rec, o, rec, gates=(lw.mixer["A_log"], lw.mixer["dt_bias"]))
         else:  # fp32 compute: 3xTF32 products (about fp32); bf16: tf32 is far inside the budget
+            beta = torch.sigmoid(b_raw).contiguous()
+            g = -lw.mixer["A_log"].exp() * F.softplus(a_raw.float() + lw.mixer["dt_bias"])  # log decay [B, T, Hv]
             gdr_chunk_into(q, k, v, g, beta, rec, o, rec, "tf32x3" if x.dtype == torch.float32 else "tf32")
         o = gated_rms_norm(o, z.reshape(b, t, hv, dv), lw.mixer["norm"], c.rms_norm_eps)
         return F.linear(o.reshape(b, t, hv * dv), lw.out)
@@ -240,23 +243,22 @@ class GpuModel:
                   fresh: bool, span: int) -> torch.Tensor:
         """fresh: the cache is empty (prefill) -> causal flash attention over the new keys; else attend over the
         first `span` cache positions, key j visible to query t iff j <= positions[t]."""
-        from .triton.norms import rms_norm
+        from .triton.qk_rope import qk_norm_rope_into
 
         c = self.config
         b, t, _ = x.shape
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q, gate, k, v = F.linear(x, lw.w_in).split(lw.splits, dim=-1)
-        q = rms_norm(q.reshape(b, t, hq, d), lw.mixer["q_norm"], lw.offsets["q"], c.rms_norm_eps).transpose(1, 2)
-        k = rms_norm(k.reshape(b, t, hkv, d), lw.mixer["k_norm"], lw.offsets["k"], c.rms_norm_eps).transpose(1, 2)
-        v = v.reshape(b, t, hkv, d).transpose(1, 2)
-        q, k = rope(q, positions, c.rotary_dim, c.rope_theta), rope(k, positions, c.rotary_dim, c.rope_theta)
+        proj = F.linear(x, lw.w_in)  # [B, T, q | gate | k | v]
+        nq, ng, nk, _ = lw.splits
+        gate = proj[..., nq:nq + ng]
+        q = torch.empty(b, hq, t, d, dtype=x.dtype, device=x.device)
         kc, vc = st["k"][:b], st["v"][:b]
-        kc.index_copy_(2, positions, k)
-        vc.index_copy_(2, positions, v)
-        if fresh:
+        qk_norm_rope_into(proj, (hq, hkv, d), (nq + ng, nq + ng + nk), positions, self.inv_freq, lw.mixer["q_norm"],
+                          lw.mixer["k_norm"], (lw.offsets["q"], lw.offsets["k"]), c.rms_norm_eps, q, kc, vc)
+        if fresh:  # positions are 0 .. t-1: the new keys are the cache's first t rows
             r = hq // hkv
-            o = F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1),
-                                               is_causal=True, scale=d ** -0.5)
+            o = F.scaled_dot_product_attention(q, kc[:, :, :t].repeat_interleave(r, 1),
+                                               vc[:, :, :t].repeat_interleave(r, 1), is_causal=True, scale=d ** -0.5)
         else:
             qg = q.reshape(b, hkv, (hq // hkv) * t, d)  # query heads of one KV head side by side (GQA)
             s = (qg @ kc[:, :, :span].transpose(-1, -2)).float() * d ** -0.5  # [B, Hkv, r*T, span]
@@ -268,19 +270,16 @@ class GpuModel:
         return F.linear(o, lw.out)
 
     def ffn(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        from .triton.moe_grouped import experts_forward
+        from .triton.moe_grouped import experts_forward, route_into
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         f = lw.ffn
         if lw.sparse:
-            e = self.config.num_experts
+            c = self.config
             logits = F.linear(x2, f["router"])  # [N, E + 1]: router | shared-expert gate
-            w, ids = route(logits[:, :e], self.config.num_experts_per_tok, self.config.norm_topk_prob)
-            y = experts_forward(x2, w, ids, f["gate"], f["up"], f["down"])
-            gu = F.linear(x2, f["shared_gate_up"])
-            gs, us = gu.chunk(2, dim=-1)
-            y = y + torch.sigmoid(logits[:, e:]) * F.linear(F.silu(gs) * us, f["shared_down"])
+            w, ids, sg = route_into(logits, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
+            y = experts_forward(x2, w, ids, f["gate"], f["up"], f["down"], shared=f["shared"], shared_gate=sg)
         else:
             gs, us = F.linear(x2, f["gate_up"]).chunk(2, dim=-1)
             y = F.linear(F.silu(gs) * us, f["down"])

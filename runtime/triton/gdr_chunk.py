@@ -6,8 +6,9 @@
    in-chunk scores A = (Q K^T) * Gamma (diagonal included); q exp(G) and k exp(G_last - G).
 2. `_chunk_state_kernel`, parallel over (batch x value head, block of Dv), sequential over chunks: the state
    S [Dk, BV] stays in registers; per chunk u' = u - w S, o = q exp(G) S + A u', S = exp(G_last) S + (k exp(G_last - G))^T u'.
-Intermediates are fp32 (w, u, q exp(G), k exp(..) [B, Hv, Tp, D]; A [B, Hv, Tp, C]); matrix products in kernel 2
-use tf32 (error ~1e-3 relative, far inside the bf16 budget), kernel 1 uses 3xTF32 (about fp32 accuracy) for the inverse.
+Intermediates are fp32 (w, u, q exp(G), k exp(..) [B, Hv, Tp, D]; A [B, Hv, Tp, C]). Matrix products use the
+caller's precision: tf32 for bf16 models (error ~1e-3 relative, far inside the bf16 budget), 3xTF32 (about fp32)
+for fp32 ones.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import triton
 import triton.language as tl
 
 CHUNK = 64
+PREP_WARPS = 8  # kernel 1 holds q, k, v, w, u tiles of 64 x 128 fp32: 8 warps keep them in registers
+STATE_BV = 32  # kernel 2: Dv columns per program
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -24,7 +27,7 @@ def _chunk_prep_kernel(
     q, k, v, g, beta, w_out, u_out, qg_out, kd_out, a_out, gl_out, T,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sg_b, sg_t, sb_b, sb_t,
     scale, HV, GROUP, DK, DV, NC,
-    BK: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
+    BK: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr, PREC: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     b, h = i_bh // HV, i_bh % HV
@@ -47,19 +50,19 @@ def _chunk_prep_kernel(
     ri = tl.arange(0, C)
     lower_eq = ri[:, None] >= ri[None, :]
     gamma = tl.exp(tl.where(lower_eq, gc[:, None] - gc[None, :], 0.0))  # masked before exp: no overflow
-    kk = tl.dot(kb * bv[:, None], tl.trans(kb), input_precision="tf32x3")
+    kk = tl.dot(kb * bv[:, None], tl.trans(kb), input_precision=PREC)
     L = tl.where(ri[:, None] > ri[None, :], kk * gamma, 0.0)  # strictly lower
     # (I + L)^-1 = sum_{n < C} (-L)^n = (I - L)(I + L^2)(I + L^4)...(I + L^(C/2)) as L is nilpotent (L^C = 0):
     # log2(C) - 1 squarings and products on the tensor cores instead of C sequential row updates
     Tinv = tl.where(ri[:, None] == ri[None, :], 1.0, 0.0) - L
     P = L
     for _ in tl.static_range(LOG2C - 1):
-        P = tl.dot(P, P, input_precision="tf32x3")
-        Tinv = Tinv + tl.dot(Tinv, P, input_precision="tf32x3")
+        P = tl.dot(P, P, input_precision=PREC)
+        Tinv = Tinv + tl.dot(Tinv, P, input_precision=PREC)
     eg = tl.exp(gc)
-    w = tl.dot(Tinv, kb * (bv * eg)[:, None], input_precision="tf32x3")  # [C, BK]
-    u = tl.dot(Tinv, vb * bv[:, None], input_precision="tf32x3")  # [C, BDV]
-    A = tl.where(lower_eq, tl.dot(qb, tl.trans(kb), input_precision="tf32x3") * gamma, 0.0)  # [C, C]
+    w = tl.dot(Tinv, kb * (bv * eg)[:, None], input_precision=PREC)  # [C, BK]
+    u = tl.dot(Tinv, vb * bv[:, None], input_precision=PREC)  # [C, BDV]
+    A = tl.where(lower_eq, tl.dot(qb, tl.trans(kb), input_precision=PREC) * gamma, 0.0)  # [C, C]
     glast = tl.sum(tl.where(ri == C - 1, gc, 0.0), 0)
     row0 = i_bh.to(tl.int64) * NC * C + i_c * C  # row of this chunk in the [B*Hv, Tp, .] intermediates
     offs_k = (row0 + ri)[:, None] * DK + rk[None, :]
@@ -131,9 +134,9 @@ def gdr_chunk_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         q, k, v, g, beta, w, u, qg, kd, a, gl, t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), dk ** -0.5, hv, hv // hk, dk, dv, nc,
-        BK=bk, BDV=bdv, C=CHUNK, LOG2C=CHUNK.bit_length() - 1, num_warps=4, num_stages=1,
+        BK=bk, BDV=bdv, C=CHUNK, LOG2C=CHUNK.bit_length() - 1, PREC=precision, num_warps=PREP_WARPS, num_stages=1,
     )
-    bv = min(bdv, 32)
+    bv = min(bdv, STATE_BV)
     _chunk_state_kernel[(triton.cdiv(dv, bv), b * hv)](
         w, u, qg, kd, a, gl, state, out, state_out, t, out.stride(0), out.stride(1), out.stride(2), hv, dk, dv, nc,
         BK=bk, BV=bv, C=CHUNK, PREC=precision, num_warps=4, num_stages=1,
@@ -145,5 +148,6 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state):
     final state fp32 [B, Hv, Dk, Dv]."""
     out = torch.empty_like(v)
     s_out = torch.empty(state.shape, dtype=torch.float32, device=state.device)
-    gdr_chunk_into(q, k, v, g.contiguous(), beta.contiguous(), state.float().contiguous(), out, s_out)
+    gdr_chunk_into(q, k, v, g.contiguous(), beta.contiguous(), state.float().contiguous(), out, s_out,
+                   "tf32x3" if v.dtype == torch.float32 else "tf32")
     return out, s_out

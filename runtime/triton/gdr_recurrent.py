@@ -3,6 +3,8 @@ of the state S [Dk, BV] in registers for all T tokens, so the state is read and 
 
 Math per token (runtime/ops.py `gated_delta_rule_recurrent`, FLA `fused_recurrent_gated_delta_rule`):
 q, k l2-normalised (eps 1e-6), q scaled by Dk^-0.5; S = exp(g) S; S += k (beta (v - S^T k))^T; o = S^T q.
+With `gates=(A_log, dt_bias)` the kernel also takes the raw projections: g = -exp(A_log) softplus(a + dt_bias),
+beta = sigmoid(b) (the Gated DeltaNet gates of runtime/model.py), saving a decode step its gate launches.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import triton.language as tl
 def _gdr_recurrent_kernel(
     q, k, v, g, beta, s_in, o, s_out, T,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sg_b, sg_t, sb_b, sb_t, so_b, so_t, so_h,
-    scale, HV, GROUP, DK, DV,
-    BK: tl.constexpr, BV: tl.constexpr,
+    a_log, dt_bias, scale, HV, GROUP, DK, DV,
+    BK: tl.constexpr, BV: tl.constexpr, RAW: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     b, h = i_bh // HV, i_bh % HV
@@ -34,6 +36,11 @@ def _gdr_recurrent_kernel(
         vt = tl.load(v + b * sv_b + t * sv_t + h * sv_h + rv, mask=mv, other=0.0).to(tl.float32)
         gt = tl.load(g + b * sg_b + t * sg_t + h).to(tl.float32)
         bt = tl.load(beta + b * sb_b + t * sb_t + h).to(tl.float32)
+        if RAW:  # torch's softplus: x above 20 passes through; exp(x) below -15 (log(1 + e^x) rounds to 0 there)
+            xa = gt + tl.load(dt_bias + h).to(tl.float32)
+            sp = tl.where(xa > 20.0, xa, tl.where(xa < -15.0, tl.exp(xa), tl.log(1.0 + tl.exp(xa))))
+            gt = -tl.exp(tl.load(a_log + h).to(tl.float32)) * sp
+            bt = tl.sigmoid(bt)
         qt = qt * tl.rsqrt(tl.sum(qt * qt, 0) + 1e-6) * scale
         kt = kt * tl.rsqrt(tl.sum(kt * kt, 0) + 1e-6)
         S = S * tl.exp(gt)
@@ -49,10 +56,12 @@ def _block(n: int, lo: int = 1) -> int:
 
 
 def gdr_recurrent_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                       state: torch.Tensor, out: torch.Tensor, state_out: torch.Tensor) -> None:
+                       state: torch.Tensor, out: torch.Tensor, state_out: torch.Tensor,
+                       gates: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Launch into given buffers. q, k: [B, T, Hk, Dk]; v, out: [B, T, Hv, Dv]; g, beta: [B, T, Hv];
     state, state_out: contiguous fp32 [B, Hv, Dk, Dv] (may be the same tensor: each program reads its own
-    slice before writing it). Last dims must be contiguous; other strides are free (views of a projection)."""
+    slice before writing it). Last dims must be contiguous; other strides are free (views of a projection).
+    gates = (A_log, dt_bias) fp32 [Hv]: g and beta are the raw projections a and b (see the module docstring)."""
     b, t, hk, dk = q.shape
     hv, dv = v.shape[2], v.shape[3]
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
@@ -67,8 +76,8 @@ def gdr_recurrent_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         q, k, v, g, beta, state, out, state_out, t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), out.stride(0), out.stride(1),
-        out.stride(2), dk ** -0.5, hv, hv // hk, dk, dv,
-        BK=bk, BV=bv, num_warps=2 if bk * bv <= 2048 else 4,
+        out.stride(2), *(gates if gates is not None else (g, g)), dk ** -0.5, hv, hv // hk, dk, dv,
+        BK=bk, BV=bv, RAW=gates is not None, num_warps=2 if bk * bv <= 2048 else 4,
     )
 
 

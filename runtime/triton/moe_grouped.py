@@ -1,12 +1,18 @@
 """Sparse-MoE expert kernels with weights dequantized inside the kernel (int4 or float/fp8 with block scales).
 
-Two paths over the routed (token, slot) pairs, a = token * top_k + slot:
+Routing (`route_into`, one program per token): fp32 softmax over the experts, top-k, renormalisation, and the
+sigmoid of the shared-expert gate logit, from the router GEMV's output in one launch.
+
+Two expert paths over the routed (token, slot) pairs, a = token * top_k + slot:
 - prefill, `_up_gemm_kernel` + `_down_gemm_kernel`: pairs sorted by expert and padded to BM-row blocks
-  (`align`, torch ops only: no host synchronisation); each program multiplies one block of rows by one
-  expert's dequantized weight tile with tl.dot; the down kernel scales each row by its routing weight and
-  writes y [N*K, H], summed over the K slots afterwards.
-- decode, `_up_gemv_kernel` + `_down_gemv_kernel`: one program per (pair, block of outputs) reads its expert's
-  rows once (GEMV); the down kernel also sums the K slots of a token, so no intermediate is written.
+  (`align`, torch ops only: no host synchronisation); each program multiplies one block of rows (gathered
+  straight from x) by one expert's dequantized [BN, BK] weight tiles with tl.dot; programs of one row block are
+  adjacent in the launch order, so the rows stay in L2 while each N block reads its slice of the expert. The down
+  kernel scales each row by its routing weight and writes y [N*K, H], summed over the K slots afterwards; the
+  shared expert runs through cuBLAS.
+- decode, `_up_gemv_kernel` + `_down_gemv_kernel`: one program per (pair, block of outputs) streams its
+  expert's rows (k contiguous, loads pipelined with tl.range); the down kernel sums the token's K slots and the
+  shared expert (weighted by its sigmoid gate) in registers, so a MoE layer's decode is two launches after routing.
 The up kernels compute silu(gate x) * (up x) directly (gate and up rows of the same block side by side).
 
 Weight formats (`ExpertMatrix.fmt`):
@@ -14,6 +20,7 @@ Weight formats (`ExpertMatrix.fmt`):
              w = (q - 8) * d  (int4_sym_g{32,64,128}, = GGUF Q4_0 at g32).
     "float"  any float dtype [E, N, K] (float8_e4m3fn, bf16, ...); fp32 scales [E, ceil(N/bn), ceil(K/bk)];
              w = q * s  (fp8_channel: bn = 1, bk = K; fp8_block128: bn = bk = 128; unscaled: ones, bn = N, bk = K).
+Tile sizes (`GEMM_UP`, `GEMM_DOWN`, `GEMV_UP`, `GEMV_DOWN`) were chosen on an H100 with scripts/tune_moe_gpu.py.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ import triton.language as tl
 
 FORMATS = {"int4": 0, "float": 1}
 GEMV_MAX_PAIRS = 128  # at most this many (token, slot) pairs: GEMV path (decode); above: grouped GEMM
-GEMM_CFG = dict(BM=64, BN_UP=128, BN_DOWN=128, BKH=64, WARPS=8, STAGES=2)  # BKH: k pairs (bytes of int4) per step
-GEMV_CFG = dict(BN_UP=8, BN_DOWN=8, BKH=256, WARPS=4)
+GEMM_UP = dict(BM=64, BN=128, BK=64, WARPS=4, STAGES=3)
+GEMM_DOWN = dict(BM=64, BN=128, BK=64, WARPS=4, STAGES=3)
+GEMV_UP = dict(BN=8, BK=512, WARPS=4, STAGES=2)
+GEMV_DOWN = dict(BN=16, BK=256, WARPS=4, STAGES=3)
+UNSCALED = tl.constexpr(1 << 30)  # scale block of the shared expert's unscaled float matrices: one block
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class ExpertMatrix:
         e, n, k = self.shape
         width = k // 2 if self.fmt == "int4" else k
         if tuple(self.data.shape) != (e, n, width) or self.data.stride(-1) != 1:
-            raise ValueError(f"experts ({self.fmt}): data expected contiguous [{e}, {n}, {width}], "
+            raise ValueError(f"experts ({self.fmt}): data expected [{e}, {n}, {width}] with unit last stride, "
                              f"got {tuple(self.data.shape)} strides {self.data.stride()}")
         if k % 2 or self.block[1] % 2:
             raise ValueError(f"experts ({self.fmt}): K={k} and the scale block {self.block} must be even")
@@ -65,86 +75,183 @@ class ExpertMatrix:
         d, s = self.data, self.scales
         return d, s, d.stride(0), d.stride(1), s.stride(0), s.stride(1), s.stride(2)
 
+    def meta(self, bk: int) -> dict:
+        """Format constexprs for a kernel that walks K in tiles of bk columns (a power of two): NS = scale blocks
+        per tile. A scale block narrower than K must be a power of two (int4 groups, fp8's 128) to tile evenly."""
+        sbn, sbk = self.block
+        if sbk < self.shape[2] and sbk & (sbk - 1):
+            raise ValueError(f"experts: scale blocks of {sbk} columns do not tile K={self.shape[2]} evenly")
+        return dict(FMT=FORMATS[self.fmt], SBN=sbn, SBK=sbk, NS=max(bk // sbk, 1) if sbk < self.shape[2] else 1)
+
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
 
 
+@dataclass(frozen=True)
+class SharedExpert:
+    """The always-on expert as two unscaled float ExpertMatrix of one expert: gate|up [1, 2 Is, H], down [1, H, Is]."""
+
+    gate_up: ExpertMatrix
+    down: ExpertMatrix
+
+    @classmethod
+    def from_dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> SharedExpert:
+        from .moe_fp8 import float_experts
+
+        return cls(float_experts(torch.cat([gate, up])[None]), float_experts(down[None]))
+
+    @property
+    def inner(self) -> int:
+        return self.down.shape[2]
+
+
 @triton.jit
-def _w_pair(wq, ws, e, rb, rn, mn, K, se_q, sn_q, se_s, sn_s, sk_s,
-            FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr):
-    """Dequantized fp32 weight tiles [BKH, BN] of expert e, k-major: columns k = 2 rb (even) and 2 rb + 1 (odd)
-    of rows rn. Splitting by parity keeps int4 bytes whole (low nibble = even k) and needs no register shuffle."""
+def _w_tile(wq, ws, e, rn, mn, k0, K, se_q, sn_q, se_s, sn_s, sk_s,
+            FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, NS: tl.constexpr,
+            BN: tl.constexpr, BK: tl.constexpr):
+    """Dequantized fp32 tile [BN, BK] of expert e: rows rn (mask mn), columns k0 .. k0 + BK, k contiguous.
+    int4 bytes are split into their two nibbles and interleaved back (low = even k). The tile spans NS scale
+    blocks along k (ExpertMatrix.meta), applied on a [BN, NS, BK / NS] view."""
     e = e.to(tl.int64)
-    m = (rb < K // 2)[:, None] & mn[None, :]
-    sc = tl.load(ws + e * se_s + (rn // SBN)[None, :] * sn_s + ((2 * rb) // SBK)[:, None] * sk_s, mask=m,
-                 other=0.0).to(tl.float32)  # k and k + 1 share a scale: SBK is even
     if FMT == 0:
-        p = tl.load(wq + e * se_q + rn[None, :] * sn_q + rb[:, None], mask=m, other=0)
-        we = ((p & 15).to(tl.float32) - 8.0) * sc
-        wo = ((p >> 4).to(tl.float32) - 8.0) * sc
+        rb = k0 // 2 + tl.arange(0, BK // 2)
+        p = tl.load(wq + e * se_q + rn[:, None] * sn_q + rb[None, :], mask=mn[:, None] & (rb < K // 2)[None, :],
+                    other=0)
+        raw = tl.join(p & 15, p >> 4).reshape(BN, BK).to(tl.float32) - 8.0
     else:
-        ptr = wq + e * se_q + rn[None, :] * sn_q + 2 * rb[:, None]
-        we = tl.load(ptr, mask=m, other=0.0).to(tl.float32) * sc
-        wo = tl.load(ptr + 1, mask=m, other=0.0).to(tl.float32) * sc
-    return we, wo
+        rk = k0 + tl.arange(0, BK)
+        raw = tl.load(wq + e * se_q + rn[:, None] * sn_q + rk[None, :], mask=mn[:, None] & (rk < K)[None, :],
+                      other=0.0).to(tl.float32)
+    rs = k0 // SBK + tl.arange(0, NS)
+    sc = tl.load(ws + e * se_s + (rn // SBN)[:, None] * sn_s + rs[None, :] * sk_s,
+                 mask=mn[:, None] & (rs < tl.cdiv(K, SBK))[None, :], other=0.0).to(tl.float32)  # [BN, NS]
+    if NS == 1:
+        w = raw * sc
+    else:
+        w = (raw.reshape(BN, NS, BK // NS) * sc[:, :, None]).reshape(BN, BK)
+    return w
 
 
 @triton.jit
-def _up_gemv_kernel(x, sx, ids, act,
+def _route_kernel(logits, sl, wts, ids, sg, E, TOPK: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+                  SHARED: tl.constexpr, BE: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    re = tl.arange(0, BE)
+    z = tl.load(logits + n * sl + re, mask=re < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(z - tl.max(z, 0))
+    p = p / tl.sum(p, 0)  # softmax over all experts, fp32 (ops.route)
+    rk = tl.arange(0, BK)
+    wv = tl.zeros((BK,), dtype=tl.float32)
+    iv = tl.zeros((BK,), dtype=tl.int32)
+    for j in tl.static_range(TOPK):  # the largest, then the next: K passes over E values in registers
+        m = tl.max(p, 0)
+        i = tl.min(tl.where(p == m, re, BE), 0)
+        wv = tl.where(rk == j, m, wv)
+        iv = tl.where(rk == j, i, iv)
+        p = tl.where(re == i, -1.0, p)
+    if NORM:
+        wv = wv / tl.sum(wv, 0)
+    tl.store(wts + n * TOPK + rk, wv, mask=rk < TOPK)
+    tl.store(ids + n * TOPK + rk, iv, mask=rk < TOPK)
+    if SHARED:
+        zs = tl.load(logits + n * sl + E).to(tl.float32)
+        tl.store(sg + n, tl.sigmoid(zs))
+
+
+def route_into(logits: torch.Tensor, num_experts: int, top_k: int, normalize: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """logits [N, E] (or [N, E + 1]: the last column is the shared-expert gate) -> routing weights fp32 [N, K],
+    expert ids int32 [N, K] and sigmoid(shared gate) fp32 [N] (None without that column). ops.route's math;
+    ties go to the lower expert id."""
+    n, width = logits.shape
+    if logits.stride(-1) != 1 or width not in (num_experts, num_experts + 1):
+        raise ValueError(f"route: logits expected [N, {num_experts}] or [N, {num_experts + 1}] with a contiguous "
+                         f"last dim, got {tuple(logits.shape)} strides {logits.stride()}")
+    shared = width == num_experts + 1
+    wts = torch.empty(n, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(n, top_k, dtype=torch.int32, device=logits.device)
+    sg = torch.empty(n, dtype=torch.float32, device=logits.device) if shared else wts
+    _route_kernel[(n,)](logits, logits.stride(0), wts, ids, sg, num_experts, TOPK=top_k,
+                        BK=triton.next_power_of_2(top_k), NORM=normalize, SHARED=shared,
+                        BE=triton.next_power_of_2(num_experts), num_warps=4 if num_experts >= 256 else 1)
+    return wts, ids, sg if shared else None
+
+
+@triton.jit
+def _gemv_pair(xp, aq, a_s, a_eq, a_nq, a_es, a_ns, a_ks, bq, b_s, b_eq, b_nq, b_es, b_ns, b_ks, e, rn, mn, K,
+               FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, NS: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    """(A x, B x) for rows rn of expert e of two matrices in one format, x at xp [K]: fp32 [BN] each."""
+    acca = tl.zeros((BN, BK), dtype=tl.float32)  # reduced once at the end
+    accb = tl.zeros((BN, BK), dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        rk = k0 + tl.arange(0, BK)
+        xk = tl.load(xp + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+        acca += _w_tile(aq, a_s, e, rn, mn, k0, K, a_eq, a_nq, a_es, a_ns, a_ks, FMT, SBN, SBK, NS, BN, BK) * xk
+        accb += _w_tile(bq, b_s, e, rn, mn, k0, K, b_eq, b_nq, b_es, b_ns, b_ks, FMT, SBN, SBK, NS, BN, BK) * xk
+    return tl.sum(acca, 1), tl.sum(accb, 1)
+
+
+@triton.jit
+def _up_gemv_kernel(x, sx, ids, act, act_s,
                     gq, gs, g_eq, g_nq, g_es, g_ns, g_ks, uq, us, u_eq, u_nq, u_es, u_ns, u_ks,
-                    I, H, TOPK: tl.constexpr, FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
-                    BN: tl.constexpr, BKH: tl.constexpr):
+                    sq, ss, s_eq, s_nq, s_es, s_ns, s_ks,
+                    NK, I, IS, H, TOPK: tl.constexpr, FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+                    NS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
     a, i_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(ids + a)
-    tok = (a // TOPK).to(tl.int64)
     rn = i_n * BN + tl.arange(0, BN)
-    mn = rn < I
-    accg = tl.zeros((BKH, BN), dtype=tl.float32)  # reduced once at the end
-    accu = tl.zeros((BKH, BN), dtype=tl.float32)
-    for k0 in range(0, H // 2, BKH):
-        rb = k0 + tl.arange(0, BKH)
-        mb = rb < H // 2
-        xe = tl.load(x + tok * sx + 2 * rb, mask=mb, other=0.0).to(tl.float32)[:, None]
-        xo = tl.load(x + tok * sx + 2 * rb + 1, mask=mb, other=0.0).to(tl.float32)[:, None]
-        we, wo = _w_pair(gq, gs, e, rb, rn, mn, H, g_eq, g_nq, g_es, g_ns, g_ks, FMT, SBN, SBK)
-        accg += we * xe + wo * xo
-        we, wo = _w_pair(uq, us, e, rb, rn, mn, H, u_eq, u_nq, u_es, u_ns, u_ks, FMT, SBN, SBK)
-        accu += we * xe + wo * xo
-    g = tl.sum(accg, 0)
-    u = tl.sum(accu, 0)
-    tl.store(act + a.to(tl.int64) * I + rn, (g * tl.sigmoid(g) * u).to(act.dtype.element_ty), mask=mn)
+    if a < NK:  # routed pair a
+        e = tl.load(ids + a)
+        xp = x + (a // TOPK).to(tl.int64) * sx
+        g, u = _gemv_pair(xp, gq, gs, g_eq, g_nq, g_es, g_ns, g_ks, uq, us, u_eq, u_nq, u_es, u_ns, u_ks,
+                          e, rn, rn < I, H, FMT, SBN, SBK, NS, BN, BK, STAGES)
+        tl.store(act + a.to(tl.int64) * I + rn, (g * tl.sigmoid(g) * u).to(act.dtype.element_ty), mask=rn < I)
+    else:  # shared expert of token a - NK: unscaled float rows [gate | up] of one matrix
+        n = (a - NK).to(tl.int64)
+        g, u = _gemv_pair(x + n * sx, sq, ss, s_eq, s_nq, s_es, s_ns, s_ks, sq + IS * s_nq, ss, s_eq, s_nq, s_es,
+                          s_ns, s_ks, n * 0, rn, rn < IS, H, 1, UNSCALED, UNSCALED, 1, BN, BK, STAGES)
+        tl.store(act_s + n * IS + rn, (g * tl.sigmoid(g) * u).to(act_s.dtype.element_ty), mask=rn < IS)
 
 
 @triton.jit
-def _down_gemv_kernel(act, ids, wts, y, sy,
-                      dq, ds, d_eq, d_nq, d_es, d_ns, d_ks,
-                      I, H, TOPK: tl.constexpr, FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
-                      BN: tl.constexpr, BKH: tl.constexpr):
-    n, i_n = tl.program_id(0), tl.program_id(1)
+def _down_gemv_kernel(act, ids, wts, y, sy, act_s, sg,
+                      dq, ds, d_eq, d_nq, d_es, d_ns, d_ks, sq, ss, s_eq, s_nq, s_es, s_ns, s_ks,
+                      I, IS, H, TOPK: tl.constexpr, FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+                      NS: tl.constexpr, SHARED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      STAGES: tl.constexpr):
+    n, i_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rn = i_n * BN + tl.arange(0, BN)
     mn = rn < H
-    acc = tl.zeros((BKH, BN), dtype=tl.float32)
-    for j in range(TOPK):  # sum the token's K slots in registers
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    ip = tl.cdiv(I, BK) * BK  # the K slots laid end to end, each padded to whole tiles: one pipelined loop
+    for kk in tl.range(0, TOPK * ip, BK, num_stages=STAGES):
+        j = kk // ip
+        k0 = kk - j * ip
         a = n * TOPK + j
         e = tl.load(ids + a)
-        wt = tl.load(wts + a).to(tl.float32)
-        for k0 in range(0, I // 2, BKH):
-            rb = k0 + tl.arange(0, BKH)
-            mb = rb < I // 2
-            ae = tl.load(act + a.to(tl.int64) * I + 2 * rb, mask=mb, other=0.0).to(tl.float32)[:, None] * wt
-            ao = tl.load(act + a.to(tl.int64) * I + 2 * rb + 1, mask=mb, other=0.0).to(tl.float32)[:, None] * wt
-            we, wo = _w_pair(dq, ds, e, rb, rn, mn, I, d_eq, d_nq, d_es, d_ns, d_ks, FMT, SBN, SBK)
-            acc += we * ae + wo * ao
-    tl.store(y + n.to(tl.int64) * sy + rn, tl.sum(acc, 0).to(y.dtype.element_ty), mask=mn)
+        wt = tl.load(wts + a)
+        rk = k0 + tl.arange(0, BK)
+        av = tl.load(act + a * I + rk, mask=rk < I, other=0.0).to(tl.float32) * wt
+        acc += _w_tile(dq, ds, e, rn, mn, k0, I, d_eq, d_nq, d_es, d_ns, d_ks, FMT, SBN, SBK, NS, BN, BK) * av[None, :]
+    if SHARED:
+        gate = tl.load(sg + n)
+        for k0 in tl.range(0, IS, BK, num_stages=STAGES):
+            rk = k0 + tl.arange(0, BK)
+            av = tl.load(act_s + n * IS + rk, mask=rk < IS, other=0.0).to(tl.float32) * gate
+            acc += _w_tile(sq, ss, n * 0, rn, mn, k0, IS, s_eq, s_nq, s_es, s_ns, s_ks, 1, UNSCALED, UNSCALED, 1,
+                           BN, BK) * av[None, :]
+    tl.store(y + n * sy + rn, tl.sum(acc, 1).to(y.dtype.element_ty), mask=mn)
 
 
 @triton.jit
 def _up_gemm_kernel(x, sx, rows, block_e, act,
                     gq, gs, g_eq, g_nq, g_es, g_ns, g_ks, uq, us, u_eq, u_nq, u_es, u_ns, u_ks,
                     NK, I, H, E, TOPK: tl.constexpr, FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr, PREC: tl.constexpr):
-    i_m, i_n = tl.program_id(0), tl.program_id(1)
+                    NS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    nn = tl.cdiv(I, BN)
+    i_m, i_n = pid // nn, pid % nn  # the N blocks of one row block run side by side
     e = tl.load(block_e + i_m)
     if e < E:  # blocks past the last expert's padded rows do nothing
         ra = tl.load(rows + i_m * BM + tl.arange(0, BM))
@@ -154,17 +261,13 @@ def _up_gemm_kernel(x, sx, rows, block_e, act,
         mn = rn < I
         accg = tl.zeros((BM, BN), dtype=tl.float32)
         accu = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, H // 2, BKH):
-            rb = k0 + tl.arange(0, BKH)
-            mx = valid[:, None] & (rb < H // 2)[None, :]
-            xe = tl.load(x + tok[:, None] * sx + 2 * rb[None, :], mask=mx, other=0.0)
-            xo = tl.load(x + tok[:, None] * sx + 2 * rb[None, :] + 1, mask=mx, other=0.0)
-            we, wo = _w_pair(gq, gs, e, rb, rn, mn, H, g_eq, g_nq, g_es, g_ns, g_ks, FMT, SBN, SBK)
-            accg = tl.dot(xe, we.to(xe.dtype), accg, input_precision=PREC)
-            accg = tl.dot(xo, wo.to(xo.dtype), accg, input_precision=PREC)
-            we, wo = _w_pair(uq, us, e, rb, rn, mn, H, u_eq, u_nq, u_es, u_ns, u_ks, FMT, SBN, SBK)
-            accu = tl.dot(xe, we.to(xe.dtype), accu, input_precision=PREC)
-            accu = tl.dot(xo, wo.to(xo.dtype), accu, input_precision=PREC)
+        for k0 in range(0, H, BK):
+            rk = k0 + tl.arange(0, BK)
+            xt = tl.load(x + tok[:, None] * sx + rk[None, :], mask=valid[:, None] & (rk < H)[None, :], other=0.0)
+            wg = _w_tile(gq, gs, e, rn, mn, k0, H, g_eq, g_nq, g_es, g_ns, g_ks, FMT, SBN, SBK, NS, BN, BK)
+            accg = tl.dot(xt, tl.trans(wg.to(xt.dtype)), accg, input_precision=PREC)
+            wu = _w_tile(uq, us, e, rn, mn, k0, H, u_eq, u_nq, u_es, u_ns, u_ks, FMT, SBN, SBK, NS, BN, BK)
+            accu = tl.dot(xt, tl.trans(wu.to(xt.dtype)), accu, input_precision=PREC)
         out = accg * tl.sigmoid(accg) * accu
         tl.store(act + ra.to(tl.int64)[:, None] * I + rn[None, :], out.to(act.dtype.element_ty),
                  mask=valid[:, None] & mn[None, :])
@@ -173,9 +276,11 @@ def _up_gemm_kernel(x, sx, rows, block_e, act,
 @triton.jit
 def _down_gemm_kernel(act, rows, block_e, wts, y,
                       dq, ds, d_eq, d_nq, d_es, d_ns, d_ks,
-                      NK, I, H, E, FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr, PREC: tl.constexpr):
-    i_m, i_n = tl.program_id(0), tl.program_id(1)
+                      NK, I, H, E, FMT: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, NS: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    nn = tl.cdiv(H, BN)
+    i_m, i_n = pid // nn, pid % nn
     e = tl.load(block_e + i_m)
     if e < E:
         ra = tl.load(rows + i_m * BM + tl.arange(0, BM))
@@ -184,14 +289,11 @@ def _down_gemm_kernel(act, rows, block_e, wts, y,
         rn = i_n * BN + tl.arange(0, BN)
         mn = rn < H
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, I // 2, BKH):
-            rb = k0 + tl.arange(0, BKH)
-            ma = valid[:, None] & (rb < I // 2)[None, :]
-            ae = tl.load(act + ra64[:, None] * I + 2 * rb[None, :], mask=ma, other=0.0)
-            ao = tl.load(act + ra64[:, None] * I + 2 * rb[None, :] + 1, mask=ma, other=0.0)
-            we, wo = _w_pair(dq, ds, e, rb, rn, mn, I, d_eq, d_nq, d_es, d_ns, d_ks, FMT, SBN, SBK)
-            acc = tl.dot(ae, we.to(ae.dtype), acc, input_precision=PREC)
-            acc = tl.dot(ao, wo.to(ao.dtype), acc, input_precision=PREC)
+        for k0 in range(0, I, BK):
+            rk = k0 + tl.arange(0, BK)
+            at = tl.load(act + ra64[:, None] * I + rk[None, :], mask=valid[:, None] & (rk < I)[None, :], other=0.0)
+            wd = _w_tile(dq, ds, e, rn, mn, k0, I, d_eq, d_nq, d_es, d_ns, d_ks, FMT, SBN, SBK, NS, BN, BK)
+            acc = tl.dot(at, tl.trans(wd.to(at.dtype)), acc, input_precision=PREC)
         wt = tl.load(wts + ra, mask=valid, other=0.0).to(tl.float32)
         tl.store(y + ra64[:, None] * H + rn[None, :], (acc * wt[:, None]).to(y.dtype.element_ty),
                  mask=valid[:, None] & mn[None, :])
@@ -206,7 +308,7 @@ def align(ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, t
     flat = ids.reshape(-1)
     nk = flat.numel()
     order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
+    sorted_e = flat[order].long()
     counts = torch.bincount(flat, minlength=num_experts)
     padded = (counts + bm - 1) // bm * bm
     ends = torch.cumsum(padded, 0)
@@ -219,7 +321,8 @@ def align(ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, t
     return rows, block_e
 
 
-def _check(x: torch.Tensor, gate: ExpertMatrix, up: ExpertMatrix, down: ExpertMatrix) -> None:
+def _check(x: torch.Tensor, gate: ExpertMatrix, up: ExpertMatrix, down: ExpertMatrix,
+           shared: SharedExpert | None) -> None:
     e, i, h = gate.shape
     if up.shape != gate.shape or down.shape != (e, h, i) or x.shape[-1] != h:
         raise ValueError(f"experts: gate {gate.shape}, up {up.shape} must be [E, I, H] and down {down.shape} "
@@ -227,55 +330,71 @@ def _check(x: torch.Tensor, gate: ExpertMatrix, up: ExpertMatrix, down: ExpertMa
     if len({gate.fmt, up.fmt, down.fmt}) != 1 or gate.block != up.block:
         raise ValueError(f"experts: gate, up and down must share one format ({gate.fmt}, {up.fmt}, {down.fmt}) "
                          f"and gate / up one scale block ({gate.block}, {up.block})")
+    if shared is not None and (shared.gate_up.shape[::2] != (1, h) or shared.down.shape[:2] != (1, h)):
+        raise ValueError(f"experts: the shared expert {shared.gate_up.shape} / {shared.down.shape} does not take "
+                         f"H={h}")
     if x.stride(-1) != 1:
         raise ValueError("experts: x needs a contiguous last dim")
 
 
-def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: ExpertMatrix, up: ExpertMatrix,
-                    down: ExpertMatrix, out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_j weights[n, j] * swiglu_e(x[n]) over the routed experts e = ids[n, j].
+def _tile(cfg: dict, k: int) -> int:
+    return min(cfg["BK"], max(32, triton.next_power_of_2(k)))  # int4 tiles hold whole 32-bit words of nibbles
 
-    x: [N, H]; weights fp32 [N, K]; ids [N, K]; gate, up: [E, I, H]; down: [E, H, I]. Returns [N, H] in x's dtype.
+
+def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: ExpertMatrix, up: ExpertMatrix,
+                    down: ExpertMatrix, out: torch.Tensor | None = None, shared: SharedExpert | None = None,
+                    shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j weights[n, j] * swiglu_e(x[n]) over the routed experts e = ids[n, j], plus, with `shared`,
+    shared_gate[n] * swiglu_shared(x[n]).
+
+    x: [N, H]; weights fp32 [N, K]; ids [N, K]; gate, up: [E, I, H]; down: [E, H, I]; shared_gate fp32 [N]
+    (route_into's sigmoid). Returns [N, H] in x's dtype (into `out` when given).
     """
-    _check(x, gate, up, down)
+    _check(x, gate, up, down, shared)
     n, h = x.shape
     e, i, _ = gate.shape
     top_k = ids.shape[1]
     nk = n * top_k
     ids32 = ids.to(torch.int32).contiguous()
     wts = weights.float().contiguous()
-    fmt = FORMATS[gate.fmt]
     act = torch.empty(nk, i, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(n, h, dtype=x.dtype, device=x.device)
     if nk <= GEMV_MAX_PAIRS:
-        c = GEMV_CFG
-        _up_gemv_kernel[(nk, triton.cdiv(i, c["BN_UP"]))](
-            x, x.stride(0), ids32, act, *gate.args(), *up.args(), i, h,
-            TOPK=top_k, FMT=fmt, SBN=gate.block[0], SBK=gate.block[1], BN=c["BN_UP"],
-            BKH=min(c["BKH"], triton.next_power_of_2(h // 2)), num_warps=c["WARPS"])
-        y = out if out is not None else torch.empty(n, h, dtype=x.dtype, device=x.device)
-        _down_gemv_kernel[(n, triton.cdiv(h, c["BN_DOWN"]))](
-            act, ids32, wts, y, y.stride(0), *down.args(), i, h,
-            TOPK=top_k, FMT=fmt, SBN=down.block[0], SBK=down.block[1], BN=c["BN_DOWN"],
-            BKH=min(c["BKH"], triton.next_power_of_2(i // 2)), num_warps=c["WARPS"])
+        s = shared if shared is not None else SharedExpert(gate, down)  # unused stand-in: SHARED=False
+        i_s = s.inner if shared is not None else 0
+        act_s = torch.empty(n, max(i_s, 1), dtype=x.dtype, device=x.device)
+        sg = shared_gate if shared is not None else wts
+        cu, cd = GEMV_UP, GEMV_DOWN
+        bk = _tile(cu, h)
+        _up_gemv_kernel[(nk + (n if shared is not None else 0), triton.cdiv(max(i, i_s), cu["BN"]))](
+            x, x.stride(0), ids32, act, act_s, *gate.args(), *up.args(), *s.gate_up.args(), nk, i, i_s, h,
+            TOPK=top_k, **gate.meta(bk), BN=cu["BN"], BK=bk, STAGES=cu["STAGES"], num_warps=cu["WARPS"])
+        bk = _tile(cd, i if shared is None else max(i, i_s))
+        _down_gemv_kernel[(n, triton.cdiv(h, cd["BN"]))](
+            act, ids32, wts, y, y.stride(0), act_s, sg, *down.args(), *s.down.args(), i, i_s, h,
+            TOPK=top_k, **down.meta(bk), SHARED=shared is not None, BN=cd["BN"], BK=bk, STAGES=cd["STAGES"],
+            num_warps=cd["WARPS"])
         return y
-    c = GEMM_CFG
-    bm = c["BM"]
     prec = "tf32x3" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: about fp32 accuracy (bf16: unused)
-    rows, block_e = align(ids, e, bm)
-    nb = block_e.numel()
-    _up_gemm_kernel[(nb, triton.cdiv(i, c["BN_UP"]))](
+    cu, cd = GEMM_UP, GEMM_DOWN
+    rows, block_e = align(ids, e, cu["BM"])
+    bk = _tile(cu, h)
+    _up_gemm_kernel[(block_e.numel() * triton.cdiv(i, cu["BN"]),)](
         x, x.stride(0), rows, block_e, act, *gate.args(), *up.args(), nk, i, h, e,
-        TOPK=top_k, FMT=fmt, SBN=gate.block[0], SBK=gate.block[1], BM=bm, BN=c["BN_UP"],
-        BKH=min(c["BKH"], max(16, triton.next_power_of_2(h // 2))),
-        PREC=prec, num_warps=c["WARPS"], num_stages=c["STAGES"])
+        TOPK=top_k, **gate.meta(bk), BM=cu["BM"], BN=cu["BN"], BK=bk, PREC=prec,
+        num_warps=cu["WARPS"], num_stages=cu["STAGES"])
+    if cd["BM"] != cu["BM"]:
+        rows, block_e = align(ids, e, cd["BM"])
     ys = torch.empty(nk, h, dtype=x.dtype, device=x.device)
-    _down_gemm_kernel[(nb, triton.cdiv(h, c["BN_DOWN"]))](
+    bk = _tile(cd, i)
+    _down_gemm_kernel[(block_e.numel() * triton.cdiv(h, cd["BN"]),)](
         act, rows, block_e, wts, ys, *down.args(), nk, i, h, e,
-        FMT=fmt, SBN=down.block[0], SBK=down.block[1], BM=bm, BN=c["BN_DOWN"],
-        BKH=min(c["BKH"], max(16, triton.next_power_of_2(i // 2))),
-        PREC=prec, num_warps=c["WARPS"], num_stages=c["STAGES"])
-    y = ys.view(n, top_k, h).sum(1, dtype=torch.float32).to(x.dtype)
-    if out is not None:
-        out.copy_(y)
-        return out
+        **down.meta(bk), BM=cd["BM"], BN=cd["BN"], BK=bk, PREC=prec, num_warps=cd["WARPS"], num_stages=cd["STAGES"])
+    acc = ys.view(n, top_k, h).sum(1, dtype=torch.float32)
+    if shared is not None:
+        gu = torch.nn.functional.linear(x, shared.gate_up.data[0])
+        g_s, u_s = gu.chunk(2, dim=-1)
+        acc += shared_gate[:, None] * torch.nn.functional.linear(torch.nn.functional.silu(g_s) * u_s,
+                                                                  shared.down.data[0])
+    y.copy_(acc)
     return y
