@@ -56,22 +56,41 @@ def _groups(w: torch.Tensor, group_size: int, scheme: str) -> torch.Tensor:
     return w.reshape(n, k // group_size, group_size)
 
 
+def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """The element of largest |x| per block, sign kept, `[N, G, g]` -> `[N, G, 1]` (ggml's `max` in Q4_0).
+
+    ggml keeps the first element of strictly largest |x| and starts from max = 0.0f: an all-zero block gives +0.0.
+    amax and amin decide every block but those holding both +a and -a, where the first of them wins (argmax).
+    """
+    hi, lo = blocks.amax(dim=-1, keepdim=True), blocks.amin(dim=-1, keepdim=True)  # [N, G, 1]
+    vmax = torch.where(-lo > hi, lo, hi)
+    tie = ((hi == -lo) & (hi != 0)).squeeze(-1)  # [N, G]; rare outside bf16 grids
+    if bool(tie.any()):
+        ties = blocks[tie]  # [T, g]
+        vmax[tie] = ties.gather(-1, ties.abs().argmax(dim=-1, keepdim=True))  # first of ties, as `amax < |v|`
+    return torch.where(vmax == 0, torch.zeros_like(vmax), vmax)
+
+
+def _pack_low_even(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes `[N, K]` known to be 0..15 -> low_even bytes `[N, K/2]` (pack_int4 without its checks)."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
 def quantize_int4_sym(w: torch.Tensor, group_size: int) -> QuantizedTensor:
     """Q4_0 math per group of `group_size` along K. w `[N, K]` -> codes `[N, K/2]`, fp16 d `[N, K/g]`."""
     scheme = f"int4_sym_g{group_size}"
     blocks = _groups(as_float32_matrix(w), group_size, scheme)  # [N, G, g]
-    imax = blocks.abs().argmax(dim=-1, keepdim=True)  # [N, G, 1]; first of ties, as ggml's strict `amax < |v|`
-    vmax = blocks.gather(-1, imax)  # [N, G, 1], sign kept
-    # ggml starts from max = 0.0f, so an all-zero block gives d = 0.0f / -8 = -0.0 whatever the sign of its zeros
-    vmax = torch.where(vmax == 0, torch.zeros_like(vmax), vmax)
-    d = vmax / -8.0  # [N, G, 1] float32
+    d = _signed_absmax(blocks) / -8.0  # [N, G, 1] float32
     inv_d = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    q = torch.trunc(blocks * inv_d + 8.5).clamp(0, 15).to(torch.uint8)  # (int8_t) truncates; MIN(15, .)
+    y = blocks * inv_d  # [N, G, g]; then + 8.5 as a separate rounding step (no FMA), in place
+    y += 8.5
+    # (int8_t) truncates, then MIN(15, .): clamping first is the same for integer bounds, and makes the cast exact
+    q = y.clamp_(0, 15).to(torch.uint8)
     n, k = blocks.shape[0], blocks.shape[1] * group_size
     return QuantizedTensor(
         scheme=scheme,
         shape=(n, k),
-        data=pack_int4(q.reshape(n, k)),
+        data=_pack_low_even(q.reshape(n, k)),
         scales=d.squeeze(-1).to(torch.float16),
         block_size=group_size,
         nibble_order="low_even",
@@ -116,11 +135,23 @@ def dequantize_int4_asym(qt: QuantizedTensor) -> torch.Tensor:
     return (q * d + m).reshape(n, k)
 
 
+LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
+HIGH_NIBBLES = 0xF0F0F0F0F0F0F0F0 - (1 << 64)  # as int64
+
+
 def _gguf_nibbles(qt: QuantizedTensor) -> torch.Tensor:
-    """low_even codes -> ggml's in-block layout: byte j holds element j (low) and j+16 (high). `[N, K/32, 16]`."""
+    """low_even codes -> ggml's in-block layout: byte j holds element j (low) and j+16 (high). `[N, K/32, 16]`.
+
+    Byte i of a low_even block holds elements 2i | 2i+1 << 4; so with its bytes 0..7 (elements 0..15) and 8..15
+    (16..31) read as little-endian int64 a and b, ggml's even bytes are a's low nibbles | b's low nibbles << 4
+    and its odd bytes a's high nibbles >> 4 | b's high nibbles: eight bytes per operation, then interleaved.
+    """
     n, k = qt.shape
-    q = unpack_int4(qt.data).reshape(n, k // GGUF_BLOCK, 2, GGUF_BLOCK // 2)  # [N, nb, 2, 16]
-    return q[:, :, 0] | (q[:, :, 1] << 4)
+    ab = qt.data.reshape(n, k // GGUF_BLOCK, GGUF_BLOCK // 2).view(torch.int64)  # [N, nb, 2]
+    a, b = ab[..., :1], ab[..., 1:]  # [N, nb, 1]
+    even = (a & LOW_NIBBLES) | ((b << 4) & HIGH_NIBBLES)  # ggml bytes 0, 2, .., 14
+    odd = ((a >> 4) & LOW_NIBBLES) | (b & HIGH_NIBBLES)  # ggml bytes 1, 3, .., 15
+    return torch.stack((even.view(torch.uint8), odd.view(torch.uint8)), dim=-1).reshape(n, -1, GGUF_BLOCK // 2)
 
 
 def to_gguf_q4_0_blocks(qt: QuantizedTensor) -> np.ndarray:

@@ -18,11 +18,10 @@ Q8_0_BLOCK = 32  # QK8_0
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """C roundf: ties away from zero. floor(a) + floor(2*(a - floor(a))) is exact in float32
-    (floor(a + 0.5) is not: 0.49999997 + 0.5 rounds up to 1.0). Same formula as gguf-py's np_roundf."""
-    a = x.abs()
-    fl = torch.floor(a)
-    return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
+    """C roundf (ties away from zero) of float32 `x` with |x| < 2^14, as int16: trunc(2x) - trunc(x), exact (2x is,
+    and each cast truncates; floor(|x| + 0.5) is not: 0.49999997 + 0.5 rounds up to 1.0). Same values as gguf-py's
+    np_roundf."""
+    return (x * 2).to(torch.int16) - x.to(torch.int16)
 
 
 def quantize_int8_channel(w: torch.Tensor) -> QuantizedTensor:
@@ -48,7 +47,8 @@ def quantize_q8_0(w: torch.Tensor) -> QuantizedTensor:
     n, k = w.shape
     check_group(k, Q8_0_BLOCK, "int8_g32")
     blocks = w.reshape(n, k // Q8_0_BLOCK, Q8_0_BLOCK)  # [N, nb, 32]
-    d = blocks.abs().amax(dim=-1, keepdim=True) / 127.0  # [N, nb, 1]
+    amax = torch.maximum(blocks.amax(dim=-1, keepdim=True), -blocks.amin(dim=-1, keepdim=True)).abs_()  # +0.0, not -0.0
+    d = amax / 127.0  # [N, nb, 1]
     inv_d = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
     q = round_half_away(blocks * inv_d).to(torch.int8)  # |x * id| <= 127 up to 1 ulp, rounds to 127 at most
     return QuantizedTensor(

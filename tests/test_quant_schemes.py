@@ -188,6 +188,27 @@ def test_gguf_bit_exact(n: int, k: int, scheme: str, qtype: str, repack) -> None
     np.testing.assert_array_equal(dequantize(qt).numpy().view(np.uint32), ref_deq.view(np.uint32))  # exact bits
 
 
+@pytest.mark.parametrize(
+    "scheme, qtype, repack",
+    [("int4_sym_g32", "Q4_0", to_gguf_q4_0_blocks), ("int8_g32", "Q8_0", to_gguf_q8_0_blocks)],
+)
+def test_gguf_bit_exact_on_a_coarse_grid(scheme: str, qtype: str, repack) -> None:
+    """Quarter-steps in [-2, 2] (as on bf16 grids, but denser): most blocks hold both +max and -max, and many x / d
+    land on ties; still the same bytes as gguf-py."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randint(-8, 9, (64, 256), generator=g).float() * 0.25  # no all-zero block: 32 draws of 17 values
+    ours = repack(quantize(w, scheme))
+    np.testing.assert_array_equal(ours, gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype]))
+
+
+def test_int4_sym_first_of_plus_and_minus_max_wins() -> None:
+    # ggml keeps the first element of strictly largest |x|: -8 before +8 gives d = 1, +8 before -8 gives d = -1
+    for a, d in ((-8.0, 1.0), (8.0, -1.0)):
+        row = torch.zeros(1, 32)
+        row[0, 3], row[0, 20] = a, -a
+        assert quantize(row, "int4_sym_g32").scales.tolist() == [[d]]
+
+
 def test_q4_0_zero_block_scale_follows_ggml_c() -> None:
     # ggml's C loop starts from max = 0.0f, so any all-zero block gets d = 0.0f / -8 = -0.0 (0x8000).
     # gguf-py takes the sign of the block's first zero instead: a block of -0.0 gives +0.0 there.
