@@ -3,8 +3,10 @@
 
 The direct path reads the checkpoint lazily, quantizes one tensor (one expert's matrix) at a time on `--workers`
 threads that run a bounded window ahead of the writer, in the writer's own order (`quant.apply.quantized_view`
-+ `gguf_export.consumption_order`), and hands that lazy quantized graph to the exporter: memory is bounded by the
-largest output tensor (GGUF: one layer's stacked experts) plus the prefetch budget, whatever the model's size.
++ `gguf_export.consumption_order`), and hands that lazy quantized graph to the exporter. Weights of more than 2^20
+elements stored as they are used (embeddings, LM head, output projections) are read, quantized and written in row
+blocks of ~2^20 elements shared between the threads: GGUF memory is bounded by the prefetch budget plus a few
+blocks, whatever the model's size.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """`nextq export gguf IR -o FILE.gguf`: the canonical graph as a GGUF file that llama.cpp's `qwen3next` loads.
 
 Written with gguf-py's GGUFWriter in its streaming order (header, key/values, tensor infos, then tensor data one
-by one), so memory stays bounded by the largest GGUF tensor (one layer's stacked experts). Layouts and names come
-from `gguf_names`; this module decides types, encodes data and writes.
+by one), so memory stays bounded by the largest tensor written whole: stacked experts are written expert by expert,
+and a weight computed in row blocks (the direct path's embeddings and LM head) block by block. Layouts and names
+come from `gguf_names`; this module decides types, encodes data and writes.
 
 Types. `--type` applies to dense (float) weights: `auto` keeps each weight's IR dtype (f32/f16/bf16), or pick
 f32|f16|bf16|q8_0|q4_0|q4_1. Quantized IR weights map onto the GGUF type with the same math, copied bit for bit:
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,13 +87,6 @@ def decode(data: np.ndarray, t: str) -> np.ndarray:
     from gguf.quants import dequantize
 
     return dequantize(data, ggml_type(t)).astype(np.float32)
-
-
-def rel_rms(a: np.ndarray, ref: np.ndarray) -> float:
-    """||a - ref|| / ||ref|| (0 when ref is all zero and a equals it)."""
-    den = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2)))
-    num = float(np.sqrt(np.mean((a.astype(np.float64) - ref) ** 2)))
-    return num / den if den else num
 
 
 # ---- options and per-tensor type choice ----------------------------------------------------------------------
@@ -216,28 +211,37 @@ def byte_layout(e: Entry) -> tuple[tuple[int, ...], np.dtype, int]:
 
 @dataclass
 class Requant:
-    """Extra error of re-quantized tensors, per (scheme -> GGUF type)."""
+    """Extra error of re-quantized tensors, per (scheme -> GGUF type) and tensor: [sum of squared errors, sum of
+    squared reference values, count], added up over the pieces a tensor is written in."""
 
-    errors: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    sums: dict[tuple[str, str], dict[str, list[float]]] = field(default_factory=lambda: defaultdict(dict))
+
+    def add(self, key: tuple[str, str], name: str, got: np.ndarray, ref: np.ndarray) -> None:
+        s = self.sums[key].setdefault(name, [0.0, 0.0, 0])
+        s[0] += float(np.sum((got.astype(np.float64) - ref) ** 2))
+        s[1] += float(np.sum(ref.astype(np.float64) ** 2))
+        s[2] += ref.size
 
     def report(self) -> None:
-        for (scheme, t), errs in sorted(self.errors.items()):
-            console.print(f"[yellow]warning:[/] re-quantized {len(errs)} {scheme} tensors to {t.upper()} (no "
-                          f"identical GGUF type); extra error relative RMS vs the IR's dequantized weights: "
-                          f"mean {np.mean(errs):.3e}, max {np.max(errs):.3e}", soft_wrap=True)
+        for (scheme, t), by_name in sorted(self.sums.items()):
+            # relative RMS ||got - ref|| / ||ref|| (the RMS error itself when ref is all zero)
+            errs = [np.sqrt(e / r) if r else np.sqrt(e / max(n, 1)) for e, r, n in by_name.values()]
+            errs = [x for x in errs if x > 0]
+            if errs:
+                console.print(f"[yellow]warning:[/] re-quantized {len(errs)} {scheme} tensors to {t.upper()} (no "
+                              f"identical GGUF type); extra error relative RMS vs the IR's dequantized weights: "
+                              f"mean {np.mean(errs):.3e}, max {np.max(errs):.3e}", soft_wrap=True)
 
 
 def source_data(name: str, t: Any, target: str, requant: Requant) -> np.ndarray:
-    """One canonical tensor as GGUF rows of `target` (quantized tensors copied when identical)."""
+    """One canonical tensor (or row block of one) as GGUF rows of `target` (quantized ones copied when identical)."""
     if not hasattr(t, "scheme"):
         return encode_float(t, target)
     if NATIVE.get(t.scheme) == target:
         return encode_native(t, target)
     ref = t.dequantize()  # float32 [N, K]
     data = encode_float(ref, target)
-    err = rel_rms(decode(data, target), ref.numpy())
-    if err > 0:
-        requant.errors[(t.scheme, target)].append(err)
+    requant.add((t.scheme, target), name, decode(data, target), ref.numpy())
     return data
 
 
@@ -327,8 +331,20 @@ def write_tokenizer(w, graph: Graph) -> None:
 
 # ---- the writer ----------------------------------------------------------------------------------------------
 
-def write_stacked(w, graph: Graph, e: Entry, requant: Requant) -> None:
-    """Write a stacked-experts tensor expert by expert (memory: one expert, not the layer's stack).
+def pieces(graph: Graph, e: Entry, requant: Requant) -> Iterator[np.ndarray] | None:
+    """An entry's data in pieces, for entries that need not be held whole: stacked experts expert by expert
+    (`[N, X]` each), a large weight computed in row blocks block by block (`[r, X]`); None for the rest."""
+    rule = e.pt.rule
+    if rule.pack is names._stack and rule.value is None:
+        return (source_data(s, graph.get(s), e.type, requant) for s in e.pt.sources)
+    t = graph.tensors[e.pt.sources[0]]
+    if rule.pack is names._same and rule.value is None and not rule.norm and len(getattr(t, "parts", ())) > 1:
+        return (source_data(e.pt.sources[0], b, e.type, requant) for b in t.row_blocks())
+    return None
+
+
+def write_pieces(w, e: Entry, data: Iterator[np.ndarray]) -> None:
+    """Write one tensor's data given as consecutive pieces along its first dimension (memory: one piece).
 
     Mirrors GGUFWriter.write_tensor_data (pop the tensor info, align, write, pad) for data given in pieces.
     """
@@ -340,12 +356,16 @@ def write_stacked(w, graph: Graph, e: Entry, requant: Requant) -> None:
     if ti.nbytes != nbytes:
         raise CheckpointError(f"{e.pt.name}: tensor info says {ti.nbytes} bytes, planned {nbytes}")
     w.write_padding(fout, fout.tell())
-    for s in e.pt.sources:
-        data = np.ascontiguousarray(source_data(s, graph.get(s), e.type, requant))
-        if data.shape != want[1:] or data.dtype != dt:
-            raise CheckpointError(f"{s}: produced {data.dtype} {list(data.shape)} for {e.pt.name}, "
-                                  f"planned {dt} {list(want[1:])}")
-        data.tofile(fout)
+    written = 0
+    for piece in data:
+        piece = np.ascontiguousarray(piece)
+        if piece.shape[-len(want) + 1:] != want[1:] or piece.dtype != dt:
+            raise CheckpointError(f"{e.pt.name}: a piece is {piece.dtype} {list(piece.shape)}, planned {dt} "
+                                  f"[..., {', '.join(map(str, want[1:]))}]")
+        piece.tofile(fout)
+        written += piece.nbytes
+    if written != nbytes:
+        raise CheckpointError(f"{e.pt.name}: wrote {written} bytes, planned {nbytes}")
     w.write_padding(fout, nbytes)
     w.state = WriterState.WEIGHTS
 
@@ -377,8 +397,9 @@ def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for e in (progress_iter(entries, "writing gguf") if progress else entries):
-            if e.pt.rule.pack is names._stack and e.pt.rule.value is None:  # stacked experts: one at a time
-                write_stacked(w, graph, e, requant)
+            data = pieces(graph, e, requant)
+            if data is not None:  # stacked experts one at a time, large weights one row block at a time
+                write_pieces(w, e, data)
                 continue
             data = tensor_data(graph, e, requant)
             want, dt, _ = byte_layout(e)

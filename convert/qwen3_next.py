@@ -12,6 +12,7 @@ Quirks translated here (and nowhere else):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -150,13 +151,14 @@ LAYER_PREFIX = re.compile(r"^(model\.layers|mtp\.layers)\.(\d+)\.(.+)$")
 
 
 def _source(st: StoredTensor, shape: tuple[int, ...], transform: Callable | None = None) -> SourceTensor:
-    return SourceTensor(st.read, tuple(shape), DTYPES[st.dtype], transform, f"{st.path}:{st.key}")
+    """A stored tensor read on demand; without a transform it can also be read a few rows at a time."""
+    rows = None if transform is not None else (lambda start, stop: st.rows(start, stop).read())
+    return SourceTensor(st.read, tuple(shape), DTYPES[st.dtype], transform, f"{st.path}:{st.key}", rows)
 
 
 def _expert_slice(st: StoredTensor, e: int) -> StoredTensor:
     """Expert e of a fused [E, ...] tensor, as a byte range (reads only that expert)."""
-    per = (st.end - st.begin) // st.shape[0]
-    return StoredTensor(st.path, f"{st.key}[{e}]", st.dtype, st.shape[1:], st.begin + e * per, st.begin + (e + 1) * per)
+    return dataclasses.replace(st.rows(e, e + 1), key=f"{st.key}[{e}]", shape=st.shape[1:])
 
 
 @register_reader("Qwen3NextForCausalLM")

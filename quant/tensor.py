@@ -9,12 +9,15 @@ plus `meta()`, a small JSON-able dict the writer keeps in the file header.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 NIBBLE_ORDERS = ("low_even",)
+QUANT_FIELDS = ("data", "scales", "zero_points")  # the tensors of a QuantizedTensor
 
 
 def as_float32_matrix(w: torch.Tensor) -> torch.Tensor:
@@ -24,9 +27,37 @@ def as_float32_matrix(w: torch.Tensor) -> torch.Tensor:
     if not w.is_floating_point():
         raise ValueError(f"weight: expected a float dtype, got {w.dtype}")
     w = w.to(torch.float32).contiguous()
-    if not bool(torch.isfinite(w).all()):
+    lo, hi = torch.aminmax(w) if w.numel() else (torch.zeros(()), torch.zeros(()))  # NaN propagates to both
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError(f"weight: expected finite values, got {int((~torch.isfinite(w)).sum())} NaN/inf")
     return w
+
+
+def _fields(x: torch.Tensor | QuantizedTensor) -> dict[str, torch.Tensor]:
+    """A dense tensor as one field; a quantized one's tensors by name (those it has)."""
+    if isinstance(x, torch.Tensor):
+        return {"data": x}
+    return {f: getattr(x, f) for f in QUANT_FIELDS if getattr(x, f) is not None}
+
+
+def join_rows(parts: Iterator[torch.Tensor | QuantizedTensor], n: int) -> torch.Tensor | QuantizedTensor:
+    """Row blocks of one weight, in order, all as high as the first but the last -> the weight of `n` rows.
+
+    Dense blocks `[r, ...]` join into `[n, ...]`, quantized ones field by field, each filled in place (no list of
+    parts beside the result): a field with one row per row has n rows, one per 128-row block ceil(n / 128), both
+    ceil(n * field rows / r) when r is a multiple of 128.
+    """
+    first = next(parts)
+    out = {f: x.new_empty((-(-n * x.shape[0] // first.shape[0]), *x.shape[1:])) for f, x in _fields(first).items()}
+    at = dict.fromkeys(out, 0)
+    for part in itertools.chain([first], parts):
+        for f, x in _fields(part).items():
+            out[f][at[f]:at[f] + x.shape[0]] = x
+            at[f] += x.shape[0]
+    assert at == {f: x.shape[0] for f, x in out.items()}, (at, n)
+    if isinstance(first, torch.Tensor):
+        return out["data"]
+    return dataclasses.replace(first, shape=(n, first.shape[1]), **out)
 
 
 def check_group(k: int, group_size: int, scheme: str) -> None:

@@ -4,6 +4,7 @@ prefetcher behind it stays bounded whatever order its consumer reads in."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -62,14 +63,31 @@ def gguf_contents(path: Path) -> tuple[dict, dict]:
     return meta, tensors
 
 
-@pytest.mark.parametrize("recipe", ["int4", "int4-int8"])
-def test_direct_gguf_identical_to_stepwise(ckpt, tmp_path_factory, recipe):
+@pytest.fixture(params=[False, True], ids=["whole", "row-blocks"])
+def row_blocks(request, monkeypatch):
+    """With True, weights above 128 x 64 elements (embeddings, lm_head: 2048 x 64) are read, computed and streamed
+    in blocks of 128 rows, as an 80B model's 151936 x 2048 ones are; checks afterwards that they were."""
+    reads = []
+    if request.param:
+        from nextq.graph import SourceTensor
+        from nextq.quant import schemes
+
+        load_rows = SourceTensor.load_rows
+        monkeypatch.setattr(schemes, "CHUNK_ELEMENTS", 128 * DIMS["hidden_size"])
+        monkeypatch.setattr(SourceTensor, "load_rows", lambda t, a, b: reads.append(b - a) or load_rows(t, a, b))
+    yield request.param
+    assert set(reads) == ({128} if request.param else set())  # 2048 rows: 16 blocks of 128 per weight
+
+
+@pytest.mark.parametrize("recipe", ["int4", "int4-int8", "int4-compact"])
+def test_direct_gguf_identical_to_stepwise(ckpt, tmp_path_factory, recipe, row_blocks):
     from nextq.convert.gguf_export import export_gguf
 
     root = tmp_path_factory.getbasetemp() / "direct"
     ref = root / f"stepwise-{recipe}.gguf"
-    export_gguf(stepwise(ckpt, recipe, root), ref)
-    direct = root / f"direct-{recipe}.gguf"
+    if not ref.exists():
+        export_gguf(stepwise(ckpt, recipe, root), ref)
+    direct = root / f"direct-{recipe}-{row_blocks}.gguf"
     run_cli("convert", str(ckpt), "--recipe", recipe, "--to", "gguf", "-o", str(direct))
     meta_d, tensors_d = gguf_contents(direct)
     meta_r, tensors_r = gguf_contents(ref)
@@ -82,11 +100,12 @@ def test_direct_gguf_identical_to_stepwise(ckpt, tmp_path_factory, recipe):
     assert direct.read_bytes() == ref.read_bytes()  # and nothing else differs (padding, order, header)
 
 
-def test_direct_ir_identical_to_stepwise(ckpt, tmp_path_factory):
+@pytest.mark.parametrize("recipe", ["int4", "int4-compact"])
+def test_direct_ir_identical_to_stepwise(ckpt, tmp_path_factory, recipe, row_blocks):
     root = tmp_path_factory.getbasetemp() / "direct"
-    ref = stepwise(ckpt, "int4", root)
-    out = root / "direct-ir"
-    run_cli("convert", str(ckpt), "--recipe", "int4", "-o", str(out))
+    ref = stepwise(ckpt, recipe, root)
+    out = root / f"direct-ir-{recipe}-{row_blocks}"
+    run_cli("convert", str(ckpt), "--recipe", recipe, "-o", str(out))
     got = Graph.load(out)
     assert list(got.tensors) == list(ref.tensors)
     for name in ref.tensors:
@@ -97,16 +116,19 @@ def test_direct_ir_identical_to_stepwise(ckpt, tmp_path_factory):
             assert a.meta() == b.meta(), name
             for k, v in b.to_tensors(name).items():
                 assert torch.equal(a.to_tensors(name)[k], v), k
+    report = [json.loads((d / "quantization.json").read_text()) for d in (out, root / f"qir-{recipe}")]
+    assert report[0] == report[1]  # per tensor and per class: a weight's row blocks make one record
 
 
-def test_direct_onnx_identical_to_stepwise(ckpt, tmp_path_factory):
+def test_direct_onnx_identical_to_stepwise(ckpt, tmp_path_factory, row_blocks):
     onnx = pytest.importorskip("onnx")
     from nextq.convert.onnx_export import export_onnx
 
     root = tmp_path_factory.getbasetemp() / "direct"
     ref = root / "stepwise-onnx"
-    export_onnx(stepwise(ckpt, "int4", root), ref)
-    out = root / "direct-onnx"
+    if not ref.exists():
+        export_onnx(stepwise(ckpt, "int4", root), ref)
+    out = root / f"direct-onnx-{row_blocks}"
     run_cli("convert", str(ckpt), "--recipe", "int4", "--to", "onnx", "-o", str(out))
     # the step-by-step IR carries its quantization report into the ONNX directory; the direct path has no IR
     assert {p.name for p in ref.iterdir()} - {p.name for p in out.iterdir()} == {"quantization.json"}
