@@ -10,9 +10,11 @@ subprocess under /usr/bin/time -v (wall time and peak RSS):
                (llama-cpp-python 0.3.36's vendored converter and quantizer, 2 threads)
 and the KL divergence of every output's next-token distribution vs llama.cpp's bf16 GGUF on 64 tokens (logits of
 llama.cpp itself, f32 KV cache). llama.cpp's path time for a type = convert + quantize to it; its peak RSS = the max
-over the two steps. Disk bound = bytes read / read bandwidth + bytes written / write bandwidth, the bandwidths
-measured here on WORKDIR's disk with a 1 GiB file (written with fsync; read after posix_fadvise DONTNEED, which
-drops it from the page cache when the kernel honours it). The source checkpoint was just written, so part of it
+over the two steps. For the smallest N, nextq's step-by-step path too (nextq convert, nextq quantize --no-calibrate,
+nextq export gguf) for int4-compact, and whether its file is byte-identical to the direct one. Disk bound = bytes
+read / read bandwidth + bytes written / write bandwidth, the bandwidths measured here on WORKDIR's disk with a 1 GiB
+file (written with fsync; read after posix_fadvise DONTNEED, which drops it from the page cache when the kernel
+honours it). The source checkpoint was just written, so part of it
 may be served from the page cache: the bound is then pessimistic for everyone alike.
 Each N's files are removed before the next N.
 """
@@ -20,6 +22,7 @@ Each N's files are removed before the next N.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import re
@@ -110,7 +113,22 @@ def kl(ref, got) -> float:
     return float(kl_divergence(ref, got).mean())
 
 
-def bench_one(n: int, work: Path, tok: Path, bw: dict, llama_root: Path) -> dict:
+def stepwise(src: Path, d: Path, recipe: str, direct: Path) -> dict:
+    """nextq convert -> quantize (round to nearest) -> export gguf: summed wall, max RSS, identical to `direct`."""
+    nextq = shutil.which("nextq") or "nextq"
+    ir, qir, out = d / "ir", d / f"ir-{recipe}", d / f"stepwise-{recipe}.gguf"
+    runs = [timed([nextq, "convert", str(src), "-o", str(ir)], d / "step-convert.log"),
+            timed([nextq, "quantize", str(ir), "--recipe", recipe, "--no-calibrate", "-o", str(qir)],
+                  d / "step-quantize.log"),
+            timed([nextq, "export", "gguf", str(qir), "-o", str(out)], d / "step-export.log")]
+    same = filecmp.cmp(out, direct, shallow=False)
+    shutil.rmtree(ir)
+    shutil.rmtree(qir)
+    return {"recipe": recipe, "wall_s": sum(r["wall_s"] for r in runs),
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "identical": same}
+
+
+def bench_one(n: int, work: Path, tok: Path, bw: dict, llama_root: Path, with_stepwise: bool) -> dict:
     d = work / f"n{n}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -128,6 +146,9 @@ def bench_one(n: int, work: Path, tok: Path, bw: dict, llama_root: Path) -> dict
                                           "-o", str(d / f"nextq-{recipe}.gguf"), "--workers", str(THREADS)],
                                          d / f"nextq-{recipe}.log")
         print(f"[N={n}] nextq {recipe}: {steps[f'nextq_{recipe}']}", flush=True)
+    if with_stepwise:
+        res["stepwise"] = stepwise(src, d, "int4-compact", d / "nextq-int4-compact.gguf")
+        print(f"[N={n}] nextq step by step: {res['stepwise']}", flush=True)
     steps["llama_bf16"] = timed(llama_cpp_converter.converter_command(llama_root, src, "--outtype", "bf16", "--outfile",
                                                                    d / "bf16.gguf", "--no-mtp"), d / "convert.log")
     print(f"[N={n}] llama.cpp convert bf16: {steps['llama_bf16']}", flush=True)
@@ -168,15 +189,21 @@ def bench_one(n: int, work: Path, tok: Path, bw: dict, llama_root: Path) -> dict
 
 
 def table(results: list[dict]) -> str:
-    head = (f"{'N':>2} {'pipeline':<26} {'wall s':>8} {'x llama Q4_0':>12} {'peak RSS GB':>11} {'out GB':>7} "
+    head = (f"{'N':>2} {'pipeline':<26} {'wall s':>8} {'x llama Q4_0':>12} {'peak RSS GiB':>12} {'out GB':>7} "
             f"{'KLD vs bf16':>11} {'disk bound s':>12} {'wall/bound':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         base = r["pipelines"]["llama.cpp bf16 -> Q4_0"]["wall_s"]
         for name, p in r["pipelines"].items():
             lines.append(f"{r['layers']:>2} {name:<26} {p['wall_s']:>8.1f} {p['wall_s'] / base:>12.2f} "
-                         f"{p['peak_rss_gb']:>11.2f} {p['output_bytes'] / 1e9:>7.2f} {p['kld_vs_bf16']:>11.5f} "
+                         f"{p['peak_rss_gb']:>12.2f} {p['output_bytes'] / 1e9:>7.2f} {p['kld_vs_bf16']:>11.5f} "
                          f"{p['disk_bound_s']:>12.1f} {p['wall_s'] / p['disk_bound_s']:>10.2f}")
+    for r in results:
+        if "stepwise" in r:
+            st = r["stepwise"]
+            lines.append(f"N={r['layers']}: nextq convert -> quantize -> export ({st['recipe']}): "
+                         f"{st['wall_s']:.1f} s, peak RSS {st['peak_rss_gb']:.2f} GiB, "
+                         f"file byte-identical to the direct path: {st['identical']}")
     return "\n".join(lines)
 
 
@@ -194,8 +221,9 @@ def main():
     bw = disk_bandwidth(args.work)
     print(f"disk: write {bw['write_bps'] / 1e6:.0f} MB/s, read {bw['read_bps'] / 1e6:.0f} MB/s", flush=True)
     doc = {"threads": THREADS, "tokens": N_TOKENS, "disk": bw, "results": []}
-    for n in (int(x) for x in args.layers.split(",")):
-        doc["results"].append(bench_one(n, args.work, tok, bw, llama_root))
+    layers = [int(x) for x in args.layers.split(",")]
+    for n in layers:
+        doc["results"].append(bench_one(n, args.work, tok, bw, llama_root, with_stepwise=(n == min(layers))))
         args.json.write_text(json.dumps(doc, indent=1))
         print(table(doc["results"]), flush=True)
 
