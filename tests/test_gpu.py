@@ -61,6 +61,26 @@ def test_delta_rule_kernels_match_reference(T, B, Hk, Hv, Dk, Dv):
     assert rel(o, o_ref) <= TOL and rel(s, s_ref) <= TOL
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_recurrent_kernel_with_raw_gates(T):
+    """The decode step's form: a, b straight from the projection, g = -exp(A_log) softplus(a + dt_bias) and
+    beta = sigmoid(b) inside the kernel (softplus's pass-through above 20 included), state updated in place."""
+    import torch.nn.functional as F
+
+    q, k, v, _, _, s0 = on_gpu(gdr_inputs(2, T, 2, 4, 128, 128, seed=40 + T))
+    g = torch.Generator().manual_seed(T)
+    a_raw, b_raw = torch.randn(2, T, 4, generator=g) * 4, torch.randn(2, T, 4, generator=g)
+    a_raw[0, 0, 0] = 30.0
+    a_log, dt_bias = torch.rand(4, generator=g) * 2, torch.randn(4, generator=g) * 0.5
+    gl = -a_log.exp() * F.softplus(a_raw + dt_bias)
+    o_ref, s_ref = ops.gated_delta_rule_recurrent(q.float().cpu(), k.float().cpu(), v.float().cpu(), gl,
+                                                  torch.sigmoid(b_raw), s0.cpu())
+    out, state = torch.empty_like(v), s0.clone()
+    gdr_recurrent.gdr_recurrent_into(q, k, v, a_raw.to(DEV), b_raw.to(DEV), state, out, state,
+                                     gates=(a_log.to(DEV), dt_bias.to(DEV)))
+    assert rel(out, o_ref) <= TOL and rel(state, s_ref) <= TOL
+
+
 def test_chunked_delta_rule_long_sequence_state():
     """4096 tokens at the real head sizes: the state crosses 64 chunk boundaries without drifting."""
     args = on_gpu(gdr_inputs(1, 4096, 2, 4, 128, 128, seed=11))
@@ -79,6 +99,12 @@ def test_causal_conv_kernel_matches_reference(B, T, C, K):
     y, s_new = torch.ops.nextq.causal_conv1d(x, w, s)
     assert rel(y, y_ref) <= TOL
     assert torch.equal(s_new.float().cpu(), s_ref)  # the carried state is a copy of inputs: exact
+    # in place, as the decode step runs it: state_out is state
+    from nextq.runtime.triton.conv_update import conv_into
+
+    y2, st = torch.full_like(x, float("nan")), s.clone()
+    conv_into(x, w, st, y2, st)
+    assert rel(y2, y_ref) <= TOL and torch.equal(st.float().cpu(), s_ref)
 
 
 def test_norm_kernels_match_reference():
@@ -92,6 +118,51 @@ def test_norm_kernels_match_reference():
     s, y = norms.add_rms_norm(x, h, w, 1.0, 1e-6)
     assert rel(s, xs + hs) <= TOL and rel(y, model.rms_norm(xs + hs, ws, 1.0, 1e-6)) <= TOL
     assert rel(norms.gated_rms_norm(x, z, w, 1e-6), model.gated_rms_norm(xs, zs, ws, 1e-6)) <= TOL
+
+
+@pytest.mark.parametrize("N,E,K,shared", [(1, 512, 10, True), (8, 64, 4, False), (4096, 512, 10, True)])
+def test_route_kernel_matches_reference(N, E, K, shared):
+    from nextq.runtime.triton.moe_grouped import route_into
+
+    g = torch.Generator().manual_seed(N)
+    logits = (torch.randn(N, E + shared, generator=g) * 2).to(DEV, torch.bfloat16)
+    w, ids, sg = route_into(logits, E, K, True)
+    # bf16 logits tie often (a tenth of the tokens at 4096 x 512): judge by probabilities, not ids. The chosen
+    # experts' fp32 softmax probabilities are the top-k values, each id once, and the weights are them renormalised
+    probs = torch.softmax(logits[:, :E].float().cpu(), -1)
+    ids = ids.long().cpu()
+    chosen = probs.gather(1, ids)
+    assert all(len(set(r)) == K for r in ids.tolist())
+    assert torch.allclose(chosen.sort(1, descending=True).values, probs.topk(K, -1).values, rtol=1e-6, atol=0)
+    assert torch.allclose(w.cpu(), chosen / chosen.sum(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+    if shared:
+        assert torch.allclose(sg.cpu(), torch.sigmoid(logits[:, E].float().cpu()), rtol=1e-6)
+    else:
+        assert sg is None
+
+
+def test_qk_norm_rope_kernel_matches_reference():
+    """q/k RMSNorm + partial split-half RoPE + cache write vs runtime/model.py at the real head shape."""
+    from nextq.runtime import model
+    from nextq.runtime.triton.qk_rope import qk_norm_rope_into, rope_inv_freq
+
+    b, t, hq, hkv, d, rot, theta = 2, 5, 16, 2, 256, 64, 1e7
+    g = torch.Generator().manual_seed(9)
+    splits = [hq * d, hq * d, hkv * d, hkv * d]
+    proj = torch.randn(b, t, sum(splits), generator=g).to(DEV, torch.bfloat16)
+    wq, wk = (torch.randn(d, generator=g) * 0.1 for _ in range(2))
+    positions = torch.tensor([3, 700, 9, 31000, 4], device=DEV)
+    q, _, k, v = proj.float().cpu().split(splits, -1)
+    pos = positions.cpu()
+    q_ref = model.rope(model.rms_norm(q.reshape(b, t, hq, d), wq, 1.0, 1e-6).transpose(1, 2), pos, rot, theta)
+    k_ref = model.rope(model.rms_norm(k.reshape(b, t, hkv, d), wk, 1.0, 1e-6).transpose(1, 2), pos, rot, theta)
+    kc, vc = (torch.zeros(b, hkv, 32768, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    q_out = torch.full((b, hq, t, d), float("nan"), device=DEV, dtype=torch.bfloat16)
+    qk_norm_rope_into(proj, (hq, hkv, d), (2 * hq * d, 2 * hq * d + hkv * d), positions,
+                      rope_inv_freq(rot, theta, DEV), wq.to(DEV), wk.to(DEV), (1.0, 1.0), 1e-6, q_out, kc, vc)
+    assert rel(q_out, q_ref) <= TOL and rel(kc[:, :, positions], k_ref) <= TOL
+    assert torch.equal(vc[:, :, positions].float().cpu(), v.reshape(b, t, hkv, d).transpose(1, 2))
+    assert int(kc.count_nonzero()) == b * hkv * t * d  # nothing written outside the given positions
 
 
 def moe_args(N, H, I, Is, E, seed):
@@ -129,21 +200,30 @@ def packed_experts(a, scheme):
     return out
 
 
-# N: GEMV path at batch 1 and 8 (real expert shapes, top-10), grouped-GEMM path (small and real shapes)
+# N: GEMV path at batch 1 and 8 (real expert shapes, top-10), grouped-GEMM path (small and real shapes);
+# with and without the shared expert (fused into the GEMV kernels, cuBLAS beside the grouped GEMM)
 @pytest.mark.parametrize("scheme", ["int4_sym_g32", "int4_sym_g128", "fp8_channel", "fp8_block128"])
-@pytest.mark.parametrize("N,H,I,E,K", [(1, 256, 128, 16, 4), (8, 2048, 512, 64, 10), (300, 256, 128, 16, 4),
-                                       (600, 2048, 512, 64, 10)])
-def test_quantized_expert_kernels_match_reference(scheme, N, H, I, E, K):
+@pytest.mark.parametrize("N,H,I,Is,E,K", [(1, 256, 128, 64, 16, 4), (8, 2048, 512, 512, 64, 10),
+                                          (300, 256, 128, 96, 16, 4), (600, 2048, 512, 512, 64, 10)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_quantized_expert_kernels_match_reference(scheme, N, H, I, Is, E, K, shared):
     """The expert kernels on one fixed routing (computed once on the CPU) vs dequantize + per-expert swiglu."""
-    from nextq.runtime.triton.moe_grouped import experts_forward
+    from nextq.runtime.triton.moe_grouped import SharedExpert, experts_forward
 
-    a = moe_args(N, H, I, I, E, seed=N + E)
+    a = moe_args(N, H, I, Is, E, seed=N + E)
     x = a["x"].to(torch.bfloat16)
     w, ids = ops.route(x.float() @ a["router"].T, K, True)
     (g, gr), (u, ur), (d, dr) = packed_experts(a, scheme)
     ref = routed_reference(x.float(), w, ids, gr, ur, dr)
+    kw = {}
+    if shared:
+        sgate, sup, sdown, sg_w = (t.to(torch.bfloat16) for t in a["shared"])
+        gate_sig = torch.sigmoid(x.float() @ sg_w.float().T)[:, 0]
+        ref += gate_sig[:, None] * ops.swiglu(x.float(), sgate.float(), sup.float(), sdown.float())
+        kw = dict(shared=SharedExpert.from_dense(sgate.to(DEV), sup.to(DEV), sdown.to(DEV)),
+                  shared_gate=gate_sig.to(DEV))
     out = torch.full((N, H), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: every row must be written
-    got = experts_forward(x.to(DEV), w.to(DEV), ids.to(DEV), g, u, d, out=out)
+    got = experts_forward(x.to(DEV), w.to(DEV), ids.to(DEV), g, u, d, out=out, **kw)
     assert got.dtype == torch.bfloat16
     assert rel(got, ref) <= TOL
 

@@ -33,8 +33,8 @@ import triton.language as tl
 
 FORMATS = {"int4": 0, "float": 1}
 GEMV_MAX_PAIRS = 128  # at most this many (token, slot) pairs: GEMV path (decode); above: grouped GEMM
-GEMM_UP = dict(BM=64, BN=128, BK=64, WARPS=4, STAGES=3)
-GEMM_DOWN = dict(BM=64, BN=128, BK=64, WARPS=4, STAGES=3)
+GEMM_UP = dict(BM=128, BN=64, BK=64, WARPS=4, STAGES=3)
+GEMM_DOWN = dict(BM=128, BN=128, BK=64, WARPS=8, STAGES=3)
 GEMV_UP = dict(BN=8, BK=512, WARPS=4, STAGES=2)
 GEMV_DOWN = dict(BN=16, BK=256, WARPS=4, STAGES=3)
 UNSCALED = tl.constexpr(1 << 30)  # scale block of the shared expert's unscaled float matrices: one block
@@ -104,6 +104,10 @@ class SharedExpert:
     @property
     def inner(self) -> int:
         return self.down.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
 
 
 @triton.jit
