@@ -33,10 +33,10 @@ import triton.language as tl
 
 FORMATS = {"int4": 0, "float": 1}
 GEMV_MAX_PAIRS = 128  # at most this many (token, slot) pairs: GEMV path (decode); above: grouped GEMM
-GEMM_UP = dict(BM=128, BN=64, BK=64, WARPS=4, STAGES=3)
-GEMM_DOWN = dict(BM=128, BN=128, BK=64, WARPS=8, STAGES=3)
-GEMV_UP = dict(BN=8, BK=512, WARPS=4, STAGES=2)
-GEMV_DOWN = dict(BN=16, BK=256, WARPS=4, STAGES=3)
+GEMM_UP = dict(BM=128, BN=64, BK=64, WARPS=8, STAGES=3)
+GEMM_DOWN = dict(BM=128, BN=64, BK=64, WARPS=8, STAGES=3)
+GEMV_UP = dict(BN=8, BK=256, WARPS=4, STAGES=3)
+GEMV_DOWN = dict(BN=4, BK=1024, WARPS=4, STAGES=2)
 UNSCALED = tl.constexpr(1 << 30)  # scale block of the shared expert's unscaled float matrices: one block
 
 
@@ -304,16 +304,18 @@ def _down_gemm_kernel(act, rows, block_e, wts, y,
 
 
 def align(ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort (token, slot) pairs by expert and pad each expert's run to a multiple of bm rows (torch ops, no sync).
+    """Sort (token, slot) pairs by expert and pad each expert's run to a multiple of bm rows (torch ops, no host
+    synchronisation).
 
     ids: [N, K] expert ids. Returns rows int32 [NB * bm] (pair index a, or N*K for padding) and block_e int32
     [NB] (expert of each row block, E for blocks past the end); NB is a static upper bound.
     """
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).long()
     nk = flat.numel()
     order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order].long()
-    counts = torch.bincount(flat, minlength=num_experts)
+    sorted_e = flat[order]
+    # not torch.bincount: on CUDA it reads the largest id back to the host, a sync per MoE layer
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device).index_add_(0, flat, torch.ones_like(flat))
     padded = (counts + bm - 1) // bm * bm
     ends = torch.cumsum(padded, 0)
     starts = torch.cumsum(counts, 0) - counts
