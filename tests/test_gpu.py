@@ -125,8 +125,8 @@ def test_route_kernel_matches_reference(N, E, K, shared):
     from nextq.runtime.triton.moe_grouped import route_into
 
     g = torch.Generator().manual_seed(N)
-    logits = (torch.randn(N, E + shared, generator=g) * 2).to(DEV, torch.bfloat16)
-    w, ids, sg = route_into(logits, E, K, True)
+    logits = (torch.randn(N, E + 3, generator=g) * 2).to(DEV, torch.bfloat16)  # padded past the shared gate
+    w, ids, sg = route_into(logits, E, K, True, shared=shared)
     # bf16 logits tie often (a tenth of the tokens at 4096 x 512): judge by probabilities, not ids. The chosen
     # experts' fp32 softmax probabilities are the top-k values, each id once, and the weights are them renormalised
     probs = torch.softmax(logits[:, :E].float().cpu(), -1)

@@ -163,16 +163,15 @@ def _route_kernel(logits, sl, wts, ids, sg, E, TOPK: tl.constexpr, BK: tl.conste
         tl.store(sg + n, tl.sigmoid(zs))
 
 
-def route_into(logits: torch.Tensor, num_experts: int, top_k: int, normalize: bool
+def route_into(logits: torch.Tensor, num_experts: int, top_k: int, normalize: bool, shared: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """logits [N, E] (or [N, E + 1]: the last column is the shared-expert gate) -> routing weights fp32 [N, K],
-    expert ids int32 [N, K] and sigmoid(shared gate) fp32 [N] (None without that column). ops.route's math;
-    ties go to the lower expert id."""
+    """logits [N, W] (W >= E, + 1 with `shared`: column E is the shared-expert gate; columns past that are
+    padding) -> routing weights fp32 [N, K], expert ids int32 [N, K] and sigmoid(shared gate) fp32 [N] (None
+    without `shared`). ops.route's math; ties go to the lower expert id."""
     n, width = logits.shape
-    if logits.stride(-1) != 1 or width not in (num_experts, num_experts + 1):
-        raise ValueError(f"route: logits expected [N, {num_experts}] or [N, {num_experts + 1}] with a contiguous "
-                         f"last dim, got {tuple(logits.shape)} strides {logits.stride()}")
-    shared = width == num_experts + 1
+    if logits.stride(-1) != 1 or width < num_experts + shared:
+        raise ValueError(f"route: logits expected [N, >= {num_experts + shared}] with a contiguous last dim, got "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
     wts = torch.empty(n, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(n, top_k, dtype=torch.int32, device=logits.device)
     sg = torch.empty(n, dtype=torch.float32, device=logits.device) if shared else wts
