@@ -95,12 +95,12 @@ def setter(target: dict):
     return apply
 
 
-def tune_moe(gemv: bool) -> dict:
+def tune_moe(gemv: bool, formats: list[str]) -> dict:
     from nextq.runtime.triton import moe_grouped as mg
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {}
-    for fmt in ("int4", "fp8"):
+    for fmt in formats:
         g, u, d = experts(fmt, gen)
         if not gemv:
             n = 4096
@@ -173,14 +173,15 @@ def tune_chunk() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=["moe_gemm", "moe_gemv", "chunk"])
+    ap.add_argument("--formats", nargs="*", default=["int4", "fp8"], help="expert formats for the MoE sweeps")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(f"device {torch.cuda.get_device_name()}", flush=True)
     results = {}
     if "moe_gemm" in args.only:
-        results.update(tune_moe(gemv=False))
+        results.update(tune_moe(gemv=False, formats=args.formats))
     if "moe_gemv" in args.only:
-        results.update(tune_moe(gemv=True))
+        results.update(tune_moe(gemv=True, formats=args.formats))
     if "chunk" in args.only:
         results.update(tune_chunk())
     print("\nbest:")
