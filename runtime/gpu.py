@@ -170,7 +170,8 @@ class GpuModel:
             router = torch.cat([dense(f"{p}.router.weight"), dense(f"{p}.shared_gate.weight")])  # [E + 1, H]
             # zero rows up to a multiple of 64: cuBLAS has fast tiles for N = 576, not for 513 (measured 8x)
             lw.ffn["router"] = F.pad(router, (0, 0, 0, -router.shape[0] % 64))
-            lw.ffn["shared"] = SharedExpert.from_dense(*(dense(f"{p}.shared.{n}.weight") for n in ("gate", "up", "down")))
+            lw.ffn["shared"] = SharedExpert.from_dense(*(dense(f"{p}.shared.{n}.weight")
+                                                         for n in ("gate", "up", "down")))
             for part in ("gate", "up", "down"):
                 stacked = get(f"{p}.experts.{part}")
                 if stacked is None:
