@@ -343,7 +343,9 @@ def _check(x: torch.Tensor, gate: ExpertMatrix, up: ExpertMatrix, down: ExpertMa
 
 
 def _tile(cfg: dict, k: int) -> int:
-    return min(cfg["BK"], max(32, triton.next_power_of_2(k)))  # int4 tiles hold whole 32-bit words of nibbles
+    """K tile of a kernel config for reduction length k: a power of two, at least one int4 group (32), whose
+    half (the int4 bytes) still meets tl.dot's minimum of 16."""
+    return min(cfg["BK"], max(32, triton.next_power_of_2(k)))
 
 
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: ExpertMatrix, up: ExpertMatrix,
