@@ -2,9 +2,9 @@
 
     nextq::gated_delta_rule  T == 1: fused recurrent step (triton/gdr_recurrent.py); else chunked (triton/gdr_chunk.py)
     nextq::causal_conv1d     triton/conv_update.py
-    nextq::moe               float experts through the grouped kernels (triton/moe_grouped.py, unscaled)
-    nextq::moe_int4          int4_sym experts, dequantized in-kernel (triton/moe_int4.py)     -- defined here
-    nextq::moe_fp8           fp8 / float experts with scales, dequantized in-kernel (triton/moe_fp8.py) -- defined here
+    nextq::moe               triton/moe_grouped.py `moe_forward` (GpuModel's MoE layer) on unscaled float experts
+    nextq::moe_int4          the same on int4_sym experts, dequantized in-kernel (triton/moe_int4.py) -- defined here
+    nextq::moe_fp8           the same on fp8 / float experts with scales (triton/moe_fp8.py)         -- defined here
 
 Importing this module defines the two new ops (CPU reference = dequantize + runtime/ops.py `moe`) and, when CUDA
 and Triton are present, registers the Triton kernels for the "cuda" device (`CUDA_KERNELS` says whether it did).
@@ -86,26 +86,27 @@ def _causal_conv1d_cuda(x, weight, state):
     return conv_update.causal_conv1d(x, weight, state)
 
 
-def _moe_cuda(x, router, gate, up, down, shared_gate, shared_up, shared_down, shared_gate_w, top_k, normalize):
+def _moe_cuda(x, router, gate, up, down, *shared_and_routing):
     from .triton.moe_fp8 import float_experts
-    from .triton.moe_grouped import experts_forward
+    from .triton.moe_grouped import moe_forward
 
-    w, ids = ops.route(torch.nn.functional.linear(x, router), top_k, normalize)
-    y = experts_forward(x.contiguous(), w, ids, float_experts(gate), float_experts(up), float_experts(down))
-    return y + torch.sigmoid(torch.nn.functional.linear(x, shared_gate_w)) * ops.swiglu(x, shared_gate, shared_up,
-                                                                                        shared_down)
+    return moe_forward(x, router, float_experts(gate), float_experts(up), float_experts(down), *shared_and_routing)
 
 
-def _moe_int4_cuda(*args):
-    from .triton.moe_int4 import moe_int4 as kernel
+def _moe_int4_cuda(x, router, gate_q, gate_s, up_q, up_s, down_q, down_s, *shared_and_routing):
+    from .triton.moe_grouped import moe_forward
+    from .triton.moe_int4 import int4_experts
 
-    return kernel(*args)
+    return moe_forward(x, router, int4_experts(gate_q, gate_s), int4_experts(up_q, up_s),
+                       int4_experts(down_q, down_s), *shared_and_routing)
 
 
-def _moe_fp8_cuda(*args):
-    from .triton.moe_fp8 import moe_fp8 as kernel
+def _moe_fp8_cuda(x, router, gate_q, gate_s, up_q, up_s, down_q, down_s, *shared_and_routing):
+    from .triton.moe_fp8 import float_experts
+    from .triton.moe_grouped import moe_forward
 
-    return kernel(*args)
+    return moe_forward(x, router, float_experts(gate_q, gate_s), float_experts(up_q, up_s),
+                       float_experts(down_q, down_s), *shared_and_routing)
 
 
 KERNELS = {

@@ -8,9 +8,8 @@ w = q * s. The kernels live in moe_grouped.py.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .moe_grouped import ExpertMatrix, experts_forward
+from .moe_grouped import ExpertMatrix
 
 FP8_BLOCK = 128
 
@@ -38,13 +37,3 @@ def float_experts(data: torch.Tensor, scales: torch.Tensor | None = None) -> Exp
     block = scale_block(n, k, tuple(scales.shape[1:]))
     return ExpertMatrix("float", data.contiguous(), scales.float().contiguous(), block, (e, n, k))
 
-
-def moe_fp8(x, router, gate_q, gate_s, up_q, up_s, down_q, down_s, shared_gate, shared_up, shared_down,
-            shared_gate_w, top_k: int, normalize: bool) -> torch.Tensor:
-    """CUDA kernel of nextq::moe_fp8 (see runtime/cuda_ops.py for the signature and the CPU reference)."""
-    from nextq.runtime.ops import route, swiglu
-
-    w, ids = route(F.linear(x, router), top_k, normalize)
-    y = experts_forward(x.contiguous(), w, ids, float_experts(gate_q, gate_s), float_experts(up_q, up_s),
-                        float_experts(down_q, down_s))
-    return y + torch.sigmoid(F.linear(x, shared_gate_w)) * swiglu(x, shared_gate, shared_up, shared_down)

@@ -405,3 +405,18 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
                                                                   shared.down.data[0])
     y.copy_(acc)
     return y
+
+
+def moe_forward(x: torch.Tensor, router: torch.Tensor, gate: ExpertMatrix, up: ExpertMatrix, down: ExpertMatrix,
+                shared_gate: torch.Tensor, shared_up: torch.Tensor, shared_down: torch.Tensor,
+                shared_gate_w: torch.Tensor, top_k: int, normalize: bool) -> torch.Tensor:
+    """A sparse-MoE layer as GpuModel runs it (the CUDA kernel of the nextq::moe, moe_int4 and moe_fp8 ops):
+    one GEMM for router | shared gate, fused routing, routed experts, sigmoid-gated shared expert.
+
+    x [N, H]; router [E, H]; gate, up [E, I, H], down [E, H, I] in any ExpertMatrix format; shared_gate,
+    shared_up [Is, H], shared_down [H, Is], shared_gate_w [1, H] (float). Returns [N, H] in x's dtype.
+    """
+    logits = torch.nn.functional.linear(x, torch.cat([router, shared_gate_w]))  # [N, E + 1]
+    w, ids, sg = route_into(logits, router.shape[0], top_k, normalize, shared=True)
+    return experts_forward(x.contiguous(), w, ids, gate, up, down,
+                           shared=SharedExpert.from_dense(shared_gate, shared_up, shared_down), shared_gate=sg)
