@@ -155,7 +155,7 @@ def tune_chunk() -> dict:
     out, s1 = torch.empty_like(v), torch.empty_like(s0)
 
     def run():
-        gdr_chunk.gdr_chunk_into(q, k, v, g, beta, s0, out, s1, "tf32")
+        gdr_chunk.gdr_chunk_into(q, k, v, g, beta, s0, out, s1)
         return out
 
     saved = {"PREP_WARPS": gdr_chunk.PREP_WARPS, "STATE_BV": gdr_chunk.STATE_BV}

@@ -6,9 +6,8 @@
    in-chunk scores A = (Q K^T) * Gamma (diagonal included); q exp(G) and k exp(G_last - G).
 2. `_chunk_state_kernel`, parallel over (batch x value head, block of Dv), sequential over chunks: the state
    S [Dk, BV] stays in registers; per chunk u' = u - w S, o = q exp(G) S + A u', S = exp(G_last) S + (k exp(G_last - G))^T u'.
-Intermediates are fp32 (w, u, q exp(G), k exp(..) [B, Hv, Tp, D]; A [B, Hv, Tp, C]). Matrix products use the
-caller's precision: tf32 for bf16 models (error ~1e-3 relative, far inside the bf16 budget), 3xTF32 (about fp32)
-for fp32 ones.
+Intermediates are fp32 (w, u, q exp(G), k exp(..) [B, Hv, Tp, D]; A [B, Hv, Tp, C]). Matrix products use
+`dot_precision` of v's dtype: tf32 for bf16 models, 3xTF32 (about fp32) for fp32 ones.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import dot_precision
 
 CHUNK = 64
 PREP_WARPS = 8  # kernel 1 holds q, k, v, w, u tiles of 64 x 128 fp32: 8 warps keep them in registers
@@ -112,7 +113,7 @@ def _block(n: int) -> int:
 
 
 def gdr_chunk_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                   state: torch.Tensor, out: torch.Tensor, state_out: torch.Tensor, precision: str = "tf32") -> None:
+                   state: torch.Tensor, out: torch.Tensor, state_out: torch.Tensor) -> None:
     """Launch into given buffers. q, k: [B, T, Hk, Dk]; v, out: [B, T, Hv, Dv]; g, beta: [B, T, Hv] (last dim
     contiguous); state, state_out: contiguous fp32 [B, Hv, Dk, Dv] (may be the same tensor)."""
     b, t, hk, dk = q.shape
@@ -122,6 +123,7 @@ def gdr_chunk_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
             raise ValueError(f"gdr_chunk: {name} needs a contiguous last dim, got strides {x.stride()}")
     if not state.is_contiguous() or not state_out.is_contiguous():
         raise ValueError("gdr_chunk: the states must be contiguous fp32 [B, Hv, Dk, Dv]")
+    precision = dot_precision(v.dtype)
     nc = triton.cdiv(t, CHUNK)
     rows = b * hv * nc * CHUNK
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -148,6 +150,5 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state):
     final state fp32 [B, Hv, Dk, Dv]."""
     out = torch.empty_like(v)
     s_out = torch.empty(state.shape, dtype=torch.float32, device=state.device)
-    gdr_chunk_into(q, k, v, g.contiguous(), beta.contiguous(), state.float().contiguous(), out, s_out,
-                   "tf32x3" if v.dtype == torch.float32 else "tf32")
+    gdr_chunk_into(q, k, v, g.contiguous(), beta.contiguous(), state.float().contiguous(), out, s_out)
     return out, s_out

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dot_precision
+
 FORMATS = {"int4": 0, "float": 1}
 GEMV_MAX_PAIRS = 128  # at most this many (token, slot) pairs: GEMV path (decode); above: grouped GEMM
 GEMM_UP = dict(BM=128, BN=64, BK=64, WARPS=8, STAGES=3)
@@ -382,7 +384,7 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, g
             TOPK=top_k, **down.meta(bk), SHARED=shared is not None, BN=cd["BN"], BK=bk, STAGES=cd["STAGES"],
             num_warps=cd["WARPS"])
         return y
-    prec = "tf32x3" if x.dtype == torch.float32 else "tf32"  # fp32 inputs: about fp32 accuracy (bf16: unused)
+    prec = dot_precision(x.dtype)
     cu, cd = GEMM_UP, GEMM_DOWN
     rows, block_e = align(ids, e, cu["BM"])
     bk = _tile(cu, h)
