@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nextq import __version__
+from nextq.console import console
 from nextq.errors import CheckpointError, NextqError, UnsupportedModelError
 from nextq.graph import Graph
 from nextq.storage import StoredTensor, read_header, sha256_file
@@ -102,7 +103,7 @@ def register_reader(architecture: str):
 
 def read_hf(source: str, revision: str | None = None, hash_shards: bool = True) -> Graph:
     """Read a Hugging Face checkpoint into the canonical graph (lazy: no tensor data is loaded)."""
-    from . import qwen3_next  # noqa: F401  (registers its reader)
+    from . import qwen3_5, qwen3_next  # noqa: F401  (register their families' readers)
 
     ckpt = open_checkpoint(source, revision)
     reader = READERS.get(ckpt.architecture)
@@ -114,12 +115,15 @@ def read_hf(source: str, revision: str | None = None, hash_shards: bool = True) 
     graph.check()
     graph.assets = {p: ckpt.root / p for p in ASSET_PATTERNS if (ckpt.root / p).is_file()}
     graph.assets["source_config.json"] = ckpt.root / "config.json"
+    for why, n in graph.provenance.get("dropped", {}).items():
+        console.print(f"note: dropped {n} stored tensors: {why}", soft_wrap=True)
     graph.provenance = {
         "source": ckpt.source,
         "revision": ckpt.revision,
         "architecture": ckpt.architecture,
         "shards": {p.name: (sha256_file(p) if hash_shards else None) for p in ckpt.shards},
         "tool": f"nextq {__version__}",
+        **graph.provenance,  # the reader's own entries (dropped tensors and why)
     }
     return graph
 

@@ -45,6 +45,9 @@ class ModelConfig:
     head_dim: int
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.25
+    # M-RoPE rotary pairs per position axis (T, H, W), Qwen3.5; () for 1-D RoPE. Text positions are equal on
+    # every axis, which makes M-RoPE exactly 1-D RoPE: only exporters whose target stores the sections read it.
+    mrope_section: tuple[int, ...] = ()
     max_position_embeddings: int = 32768
     # gated delta net
     linear_num_key_heads: int = 16
@@ -66,6 +69,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     mtp_num_hidden_layers: int = 0
+    family: str = "qwen3_next"  # the checkpoint family read (convert/family.py); writers pick targets by it
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -109,8 +113,9 @@ class ModelConfig:
         if unknown:
             raise CheckpointError(f"graph.json config: unknown fields {unknown}")
         d = dict(d)
-        for k in ("layer_types", "mlp_only_layers"):
-            d[k] = tuple(d[k])
+        for k in ("layer_types", "mlp_only_layers", "mrope_section"):
+            if k in d:
+                d[k] = tuple(d[k])
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = tuple(d["eos_token_id"])
         return cls(**d)
