@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 
 from nextq.errors import UnsupportedModelError
 from nextq.quant import QuantizedTensor
+from nextq.runtime.rope import rope_parameters
 from nextq.graph import (
     DenseMLP, GatedAttention, GatedDeltaNet, Graph, Layer, ModelConfig, QuantRef, SparseMoE, atomic_output_dir,
 )
@@ -312,19 +313,23 @@ def make_deltanet(b: Builder, x: str, i: int, p: str) -> str:
 
 
 def make_rope_cache(b: Builder, positions: str) -> tuple[str, str]:
-    """cos, sin [B, T, rot/2] from position_ids, in fp32 as transformers computes them (no max-position table).
+    """cos, sin [B, T, rot/2] from position_ids, in fp32 as transformers computes them (no max-position table):
+    inverse frequencies and attention factor from runtime/rope.py (plain or YaRN); the factor multiplies cos and
+    sin (the op's pass-through dims stay unscaled, as in transformers).
 
-        position_ids ─ Cast ─ Unsqueeze ─ Mul(inv_freq) ─┬─ Cos
-                                                         └─ Sin
+        position_ids ─ Cast ─ Unsqueeze ─ Mul(inv_freq) ─┬─ Cos ─ [Mul(attention factor)]
+                                                         └─ Sin ─ [Mul(attention factor)]
     """
     if "rope" not in b.cache:
-        c = b.config
-        rot = c.rotary_dim
-        inv = 1.0 / (c.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+        inv, factor = rope_parameters(b.config)
         pf = b.op1("Cast", [positions], "/rope/Cast", to=TensorProto.FLOAT)
         pf = b.op1("Unsqueeze", [pf, b.const("axes[-1]", [-1])], "/rope/Unsqueeze")
         f = b.op1("Mul", [pf, b.const("rope.inv_freq", inv.numpy(), np.float32)], "/rope/Mul")
-        b.cache["rope"] = (b.op1("Cos", [f], "/rope/Cos"), b.op1("Sin", [f], "/rope/Sin"))
+        cos, sin = b.op1("Cos", [f], "/rope/Cos"), b.op1("Sin", [f], "/rope/Sin")
+        if factor != 1.0:
+            scale = b.const("rope.attention_factor", np.float32(factor), np.float32)
+            cos, sin = (b.op1("Mul", [v, scale], f"/rope/{n}/Mul") for v, n in ((cos, "Cos"), (sin, "Sin")))
+        b.cache["rope"] = (cos, sin)
     return b.cache["rope"]
 
 

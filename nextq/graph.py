@@ -25,10 +25,65 @@ from typing import Any, Protocol
 import torch
 
 from .errors import CheckpointError, OutputExistsError, UnsupportedModelError
+from .storage import DTYPE_NAMES, DTYPES, StoredTensor, read_header
+from .untrusted import check_values, coerce_json_fields, need, need_fields, need_shape, read_json, resolve_inside
 
 IR_FORMAT = "nextq-ir"
 IR_VERSION = 1
 LAYER_TYPES = ("linear_attention", "full_attention")
+# ModelConfig integers that must be >= 1 (every other integer is >= 0, token ids aside)
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "head_dim", "max_position_embeddings", "linear_num_key_heads", "linear_num_value_heads",
+                   "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim", "intermediate_size",
+                   "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+MAX_EXPERTS_TOTAL = 1 << 18  # experts over all layers: the 80B model has 512 x 49; bounds the tensor index
+# dtype names graph.json may give a dense tensor (torch's names) -> torch dtype; nothing else is looked up
+IR_DTYPES: dict[str, torch.dtype] = {str(dt).removeprefix("torch."): dt for dt in DTYPES.values()}
+IR_KEYS = ("format", "version", "config", "tensors")
+IR_OPTIONAL_KEYS = ("blocks", "assets", "provenance")
+IR_ENTRY_KEYS = ("shape", "shard")
+IR_ENTRY_OPTIONAL_KEYS = ("dtype", "quant", "norm_offset")
+
+
+ROPE_SCALING_TYPES = ("yarn",)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling for contexts past the trained length (Hugging Face `rope_parameters` / `rope_scaling` keys).
+
+    Only YaRN today (runtime/rope.py has the math, transformers' `_compute_yarn_parameters`). Optional fields stay
+    None when the source config does not set them: the defaults (beta_fast 32, beta_slow 1, attention factor
+    0.1 ln(factor) + 1) are applied by the math, and exporters write only what the source stated, as llama.cpp's
+    converter does.
+    """
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        check_values(self, "config: rope_scaling")
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise UnsupportedModelError(f"config: rope_type={self.rope_type!r}, supported: "
+                                        f"['default', {', '.join(map(repr, ROPE_SCALING_TYPES))}]")
+        if not self.factor >= 1.0:
+            raise UnsupportedModelError(f"config: rope scaling factor={self.factor}, expected >= 1")
+        if not self.original_max_position_embeddings > 0:
+            raise UnsupportedModelError(f"config: original_max_position_embeddings="
+                                        f"{self.original_max_position_embeddings}, expected > 0")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise UnsupportedModelError(f"config: attention_factor={self.attention_factor}, expected > 0")
+        if (self.beta_fast or 32) < (self.beta_slow or 1):
+            raise UnsupportedModelError(f"config: beta_fast={self.beta_fast} (default 32) must be >= "
+                                        f"beta_slow={self.beta_slow} (default 1)")
 
 
 @dataclass(frozen=True)
@@ -73,11 +128,17 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
             if not ok:
                 raise UnsupportedModelError(f"config: {msg}")
+
+        check_values(self, "config", positive=POSITIVE_FIELDS, signed=TOKEN_ID_FIELDS)
+        need(self.num_experts * (self.num_hidden_layers + self.mtp_num_hidden_layers) <= MAX_EXPERTS_TOTAL,
+             f"num_experts={self.num_experts} x {self.num_hidden_layers + self.mtp_num_hidden_layers} layers exceeds "
+             f"{MAX_EXPERTS_TOTAL} experts in all")
 
         need(len(self.layer_types) == self.num_hidden_layers,
              f"layer_types has {len(self.layer_types)} entries, expected num_hidden_layers={self.num_hidden_layers}")
@@ -107,17 +168,12 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise CheckpointError(f"graph.json config: unknown fields {unknown}")
-        d = dict(d)
-        for k in ("layer_types", "mlp_only_layers", "mrope_section"):
-            if k in d:
-                d[k] = tuple(d[k])
-        if isinstance(d.get("eos_token_id"), list):
-            d["eos_token_id"] = tuple(d["eos_token_id"])
+    def from_json(cls, d: Any, where: str = "graph.json config") -> ModelConfig:
+        """The config of a graph.json (untrusted): known fields only, required ones present, types checked."""
+        d = coerce_json_fields(cls, d, where)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**coerce_json_fields(RopeScaling, d["rope_scaling"],
+                                                                  f"{where}: rope_scaling"))
         return cls(**d)
 
 

@@ -37,6 +37,7 @@ from nextq.quant import QuantizedTensor
 
 from . import cuda_ops  # noqa: F401  (registers the CUDA kernels of the custom ops)
 from .backends import Model, register_backend
+from .rope import rope_parameters
 
 ATTN_BUCKET = 256  # decode attends over the cache rounded up to this many positions (one graph per bucket)
 
@@ -128,10 +129,9 @@ class GpuModel:
                 t = t.dequantize()
             return t.to(self.device, torch.float32 if keep32 else dtype)
 
-        from .triton.qk_rope import rope_inv_freq
-
         self.blocks: list[Layer] = [b for b in build_blocks(c) if isinstance(b, Layer)]
-        self.inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta, self.device)
+        inv_freq, attention_factor = rope_parameters(c)  # plain or YaRN (runtime/rope.py)
+        self.rope = (inv_freq.to(self.device), attention_factor)
         self.embed = dense("embed.weight")
         self.lm_head = self.embed if c.tie_word_embeddings else dense("lm_head.weight")
         self.final_norm = dense("norm.weight", keep32=True)
@@ -256,7 +256,7 @@ class GpuModel:
         gate = proj[..., nq:nq + ng]
         q = torch.empty(b, hq, t, d, dtype=x.dtype, device=x.device)
         kc, vc = st["k"][:b], st["v"][:b]
-        qk_norm_rope_into(proj, (hq, hkv, d), (nq + ng, nq + ng + nk), positions, self.inv_freq, lw.mixer["q_norm"],
+        qk_norm_rope_into(proj, (hq, hkv, d), (nq + ng, nq + ng + nk), positions, self.rope, lw.mixer["q_norm"],
                           lw.mixer["k_norm"], (lw.offsets["q"], lw.offsets["k"]), c.rms_norm_eps, q, kc, vc)
         if fresh:  # positions are 0 .. t-1: the new keys are the cache's first t rows
             r = hq // hkv

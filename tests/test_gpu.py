@@ -141,12 +141,23 @@ def test_route_kernel_matches_reference(N, E, K, shared):
         assert sg is None
 
 
-def test_qk_norm_rope_kernel_matches_reference():
-    """q/k RMSNorm + partial split-half RoPE + cache write vs runtime/model.py at the real head shape."""
-    from nextq.runtime import model
-    from nextq.runtime.triton.qk_rope import qk_norm_rope_into, rope_inv_freq
+YARN_RECIPE = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=262144)  # the model card's
 
-    b, t, hq, hkv, d, rot, theta = 2, 5, 16, 2, 256, 64, 1e7
+
+@pytest.mark.parametrize("scaling", [None, YARN_RECIPE], ids=["plain", "yarn"])
+def test_qk_norm_rope_kernel_matches_reference(scaling):
+    """q/k RMSNorm + partial split-half RoPE (plain, and YaRN with its attention factor) + cache write vs
+    runtime/model.py at the real head shape."""
+    from nextq.graph import ModelConfig, RopeScaling
+    from nextq.runtime import model
+    from nextq.runtime.rope import rope_parameters
+    from nextq.runtime.triton.qk_rope import qk_norm_rope_into
+
+    b, t, hq, hkv, d = 2, 5, 16, 2, 256
+    c = ModelConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, layer_types=("full_attention",),
+                    num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d, rope_theta=1e7,
+                    rope_scaling=RopeScaling(**scaling) if scaling else None)
+    inv_freq, factor = rope_parameters(c)
     g = torch.Generator().manual_seed(9)
     splits = [hq * d, hq * d, hkv * d, hkv * d]
     proj = torch.randn(b, t, sum(splits), generator=g).to(DEV, torch.bfloat16)
@@ -154,12 +165,12 @@ def test_qk_norm_rope_kernel_matches_reference():
     positions = torch.tensor([3, 700, 9, 31000, 4], device=DEV)
     q, _, k, v = proj.float().cpu().split(splits, -1)
     pos = positions.cpu()
-    q_ref = model.rope(model.rms_norm(q.reshape(b, t, hq, d), wq, 1.0, 1e-6).transpose(1, 2), pos, rot, theta)
-    k_ref = model.rope(model.rms_norm(k.reshape(b, t, hkv, d), wk, 1.0, 1e-6).transpose(1, 2), pos, rot, theta)
+    q_ref = model.rope(model.rms_norm(q.reshape(b, t, hq, d), wq, 1.0, 1e-6).transpose(1, 2), pos, inv_freq, factor)
+    k_ref = model.rope(model.rms_norm(k.reshape(b, t, hkv, d), wk, 1.0, 1e-6).transpose(1, 2), pos, inv_freq, factor)
     kc, vc = (torch.zeros(b, hkv, 32768, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     q_out = torch.full((b, hq, t, d), float("nan"), device=DEV, dtype=torch.bfloat16)
     qk_norm_rope_into(proj, (hq, hkv, d), (2 * hq * d, 2 * hq * d + hkv * d), positions,
-                      rope_inv_freq(rot, theta, DEV), wq.to(DEV), wk.to(DEV), (1.0, 1.0), 1e-6, q_out, kc, vc)
+                      (inv_freq.to(DEV), factor), wq.to(DEV), wk.to(DEV), (1.0, 1.0), 1e-6, q_out, kc, vc)
     assert rel(q_out, q_ref) <= TOL and rel(kc[:, :, positions], k_ref) <= TOL
     assert torch.equal(vc[:, :, positions].float().cpu(), v.reshape(b, t, hkv, d).transpose(1, 2))
     assert int(kc.count_nonzero()) == b * hkv * t * d  # nothing written outside the given positions
@@ -313,3 +324,29 @@ def test_gpu_decode_graphs_match_whole_sequence(graphs):
     m.prefill(ids[:, :5])
     toks = m.generate_greedy(4, first=ids[:, 5:6])
     assert toks.shape == (2, 4) and toks.dtype == torch.long
+
+
+def test_gpu_yarn_matches_cpu_runtime(graphs):
+    """YaRN (original context 16, factor 4) at positions up to 8x the original: the GPU executor vs the CPU
+    runtime (itself checked against transformers in tests/test_yarn.py), whole sequence and prefill + decode."""
+    import dataclasses
+
+    from nextq.graph import Graph, RopeScaling
+    from nextq.runtime.gpu import GpuModel
+    from nextq.runtime.model import TorchModel
+
+    base = graphs["int4"]
+    yarn = RopeScaling("yarn", 4.0, 16)
+    g = Graph(dataclasses.replace(base.config, rope_scaling=yarn), base.tensors, base.provenance, base.assets)
+    ids = torch.randint(0, 96, (2, 131), generator=torch.Generator().manual_seed(5))
+    ref = TorchModel(g).forward(ids)
+    plain = TorchModel(base).forward(ids)
+    assert rel(plain, ref) > 1e-2  # YaRN changes the logits visibly past the original context
+    m = GpuModel.from_graph(g, dtype=torch.float32, max_batch=2, max_seq=160)
+    got32 = m.prefill(ids, all_logits=True)
+    assert rel(got32, ref) <= 1e-3  # fp32 on the GPU: summation order and 3xTF32 only, as the test above
+    steps = [m.prefill(ids[:, :100])] + [m.decode(ids[:, i:i + 1]).clone() for i in range(100, 131)]
+    assert rel(torch.stack(steps, 1), ref[:, 99:]) <= 1e-3  # decode past 4x the original context
+    got = GpuModel.from_graph(g, max_batch=2).prefill(ids, all_logits=True).float().cpu()
+    per_pos = (got - ref).norm(dim=-1) / ref.norm(dim=-1)  # bf16: the bound of test_gpu_model_logits_match_cpu_runtime
+    assert float(per_pos.median()) <= 3e-2
