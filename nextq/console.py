@@ -1,12 +1,17 @@
-"""Console output: one rich console on stderr for progress and messages, tables on stdout."""
+"""Console output: one rich console on stderr for progress and messages, tables on stdout; timed steps (wall,
+peak RSS, peak GPU memory) for runs of several steps."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 console = Console(stderr=True)
 out = Console(width=None if Console().is_terminal else 120)
@@ -19,3 +24,85 @@ def progress_iter(items: Iterable[T], description: str, total: int | None = None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+def peak_rss_reset() -> bool:
+    """Reset this process's peak resident set size to its current one (Linux: /proc/self/clear_refs); False where
+    that is not possible (then the peak of a step is not known)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident set size in bytes since the last reset (VmHWM), None where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class Step:
+    """One timed step: wall seconds, peak RSS and peak GPU memory (bytes, None where unknown), a note."""
+
+    name: str
+    kind: str  # "nextq" (bounded memory) or "engine" (holds its artifact)
+    wall_s: float = 0.0
+    peak_rss: int | None = None
+    gpu_peak: int | None = None
+    note: str = ""
+
+
+@dataclass
+class StepLog:
+    """Times the steps of one run in this process (`with log.step(name): ...`) and prints them as a table."""
+
+    layers: int = 1
+    steps: list[Step] = field(default_factory=list)
+
+    @contextmanager
+    def step(self, name: str, kind: str = "nextq") -> Iterator[Step]:
+        import torch
+
+        s = Step(name, kind)
+        known = peak_rss_reset()
+        if torch.cuda.is_initialized():  # else the step starts CUDA itself: its peak counts from zero
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            yield s
+        finally:
+            s.wall_s = time.perf_counter() - t0
+            s.peak_rss = peak_rss() if known else None
+            s.gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
+            self.steps.append(s)
+
+    def skip(self, name: str, kind: str, reason: str) -> None:
+        self.steps.append(Step(name, kind, note=f"skipped: {reason}"))
+
+    def table(self, title: str = "steps") -> Table:
+        t = Table(title=title)
+        for col in ("step", "kind", "wall s", "s / layer", "peak RSS GiB", "GPU peak GiB", "note"):
+            t.add_column(col, justify="left" if col in ("step", "kind", "note") else "right")
+        for s in self.steps:
+            timed = not s.note.startswith("skipped")
+            t.add_row(s.name, s.kind, f"{s.wall_s:.1f}" if timed else "", f"{s.wall_s / self.layers:.1f}" if timed
+                      else "", _gib(s.peak_rss), _gib(s.gpu_peak), s.note)
+        total = sum(s.wall_s for s in self.steps)
+        t.add_row("total", "", f"{total:.1f}", f"{total / self.layers:.1f}", "", "", "", style="bold")
+        return t
+
+    def to_json(self) -> list[dict]:
+        return [asdict(s) for s in self.steps]
+
+
+def _gib(n: int | None) -> str:
+    return "" if n is None else f"{n / 2**30:.2f}"
