@@ -578,6 +578,7 @@ def make_mtp(graph: Graph, data: ExternalData) -> onnx.ModelProto:
 
         input_ids ─ embed ─ RMSNorm(embed_norm) ─┐
         hidden ───────── RMSNorm(hidden_norm) ─ Concat ─ fc ─ layers (attention + MoE, past.j.*) ─ norm ─ lm_head
+                                                                                                   └─ mtp_hidden
     """
     b = Builder(graph, data)
     c = graph.config
@@ -589,8 +590,11 @@ def make_mtp(graph: Graph, data: ExternalData) -> onnx.ModelProto:
     x = make_linear(b, b.op1("Concat", [e, h], "/mtp/Concat", axis=-1), "mtp.fc")
     for j, layer in enumerate(mtp.layers):
         x = make_layer(b, x, layer, j)
-    b.op1("Identity", [make_lm_head(b, make_rms_norm(b, x, "mtp.norm"))], "/logits/Identity", outputs=["logits"])
+    h = make_rms_norm(b, x, "mtp.norm")
+    b.op1("Identity", [h], "/mtp_hidden/Identity", outputs=["mtp_hidden"])  # the next draft step's hidden input
+    b.op1("Identity", [make_lm_head(b, h)], "/logits/Identity", outputs=["logits"])
     b.output("logits", TensorProto.FLOAT, ["batch", "sequence", c.vocab_size])
+    b.output("mtp_hidden", TensorProto.FLOAT, ["batch", "sequence", c.hidden_size])
     return b.model("nextq_mtp", "Qwen3-Next MTP head (nextq export): draft logits for token t+2")
 
 

@@ -99,9 +99,19 @@ class Model(ABC):
         ids = {tok.eos_token_id} if tok is not None and tok.eos_token_id is not None else set()
         return ids
 
+    def drafter(self, method: str):
+        """The speculative-decoding view of this model (runtime/speculative.Drafter) for `method`."""
+        raise BackendError(f"the {self.name} backend has no speculative decoding ({method!r}); "
+                           f"use the torch or ort backend")
+
     def generate(self, prompt: str | np.ndarray, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-                 on_text: Callable[[str], None] | None = None) -> np.ndarray:
-        """Generate from a text prompt (needs a tokenizer) or ids [B, T]; streams decoded text to `on_text`."""
+                 on_text: Callable[[str], None] | None = None, speculative: str | None = None,
+                 draft_tokens: int = 2, stats=None) -> np.ndarray:
+        """Generate from a text prompt (needs a tokenizer) or ids [B, T]; streams decoded text to `on_text`.
+
+        speculative="mtp" drafts `draft_tokens` tokens per step with the model's MTP head (batch 1; same output law,
+        greedy: the same tokens); its counts go to `stats` (a speculative.SpeculativeStats) when given.
+        """
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise BackendError(f"{self.path}: no tokenizer files; pass token ids instead of text")
@@ -121,7 +131,15 @@ class Model(ABC):
                 on_text(text[len(shown):])
                 shown = text
 
-        return generate(self, ids, max_new_tokens, sampling, self.stop_ids, stream)
+        if speculative is None:
+            return generate(self, ids, max_new_tokens, sampling, self.stop_ids, stream)
+        from .speculative import METHODS, check_draft_tokens
+
+        if speculative not in METHODS:
+            raise BackendError(f"speculative method {speculative!r} is not known; known: {sorted(METHODS)}")
+        check_draft_tokens(draft_tokens)
+        return METHODS[speculative](self.drafter(speculative), ids, max_new_tokens, sampling, draft_tokens,
+                                    self.stop_ids, stream, stats)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "path": str(self.path), "device": self.device}
@@ -172,6 +190,13 @@ class TorchBackend(Model):
         if self.state is None:
             raise BackendError("decode before prefill")
         return self.model.forward(self._ids(ids), self.state)[:, -1].float().cpu().numpy()
+
+    def drafter(self, method):
+        from .speculative import TorchDrafter
+
+        if self.model.mtp is None:
+            raise BackendError(f"{self.path}: the model has no MTP head; --speculative {method} needs one")
+        return TorchDrafter(self.model)
 
 
 @register_backend("transformers")

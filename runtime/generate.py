@@ -34,8 +34,9 @@ class Sampling:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def next_tokens(logits: np.ndarray, history: np.ndarray, s: Sampling, gen: torch.Generator) -> np.ndarray:
-    """Pick the next token per row. logits: [B, V] float; history: [B, T] int64 ids seen so far -> [B] int64."""
+def adjusted_logits(logits: np.ndarray, history: np.ndarray, s: Sampling) -> torch.Tensor:
+    """The logits a token is picked from: [B, V] float after the penalties and, when sampling, temperature, top-k
+    and top-p (dropped tokens at -inf). logits: [B, V]; history: [B, T] int64 ids seen so far."""
     x = torch.from_numpy(np.asarray(logits, dtype=np.float32)).clone()
     if s.repetition_penalty != 1.0 or s.presence_penalty:
         seen = torch.zeros_like(x, dtype=torch.bool)
@@ -44,7 +45,7 @@ def next_tokens(logits: np.ndarray, history: np.ndarray, s: Sampling, gen: torch
             x = torch.where(seen, torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
         x = x - seen.float() * s.presence_penalty
     if s.temperature == 0:
-        return x.argmax(-1).numpy()
+        return x
     x = x / s.temperature
     if s.top_k:
         kth = torch.topk(x, min(s.top_k, x.shape[-1]), dim=-1).values[:, -1:]
@@ -54,6 +55,14 @@ def next_tokens(logits: np.ndarray, history: np.ndarray, s: Sampling, gen: torch
         cum = torch.softmax(srt, -1).cumsum(-1)
         drop = cum - torch.softmax(srt, -1) >= s.top_p  # keep the smallest prefix whose mass reaches top_p
         x = x.scatter(1, idx, srt.masked_fill(drop, float("-inf")))
+    return x
+
+
+def next_tokens(logits: np.ndarray, history: np.ndarray, s: Sampling, gen: torch.Generator) -> np.ndarray:
+    """Pick the next token per row. logits: [B, V] float; history: [B, T] int64 ids seen so far -> [B] int64."""
+    x = adjusted_logits(logits, history, s)
+    if s.temperature == 0:
+        return x.argmax(-1).numpy()
     return torch.multinomial(torch.softmax(x, -1), 1, generator=gen)[:, 0].numpy()
 
 

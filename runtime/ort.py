@@ -2,7 +2,8 @@
 
 The decoder graph takes `input_ids`, `position_ids` and the state `past.*`, and returns `logits`, `hidden` and
 `present.*` (see convert/onnx_export.py and docs/onnx.md). This backend keeps the present state between
-`prefill` and `decode`; generation comes from the base class.
+`prefill` and `decode`; generation comes from the base class, speculative decoding over `mtp.onnx` from
+`OrtDrafter` (runtime/speculative.py).
 
 Precision: MatMulNBits / QMoE nodes carry accuracy_level=0, and the session option
 `session.qdq_matmulnbits_accuracy_level=0` stops ORT from fusing DequantizeLinear + MatMul into an int8-activation
@@ -18,6 +19,7 @@ import numpy as np
 from nextq.errors import BackendError
 
 from .backends import Model, register_backend
+from .speculative import Drafter
 
 # Session options that keep activations in float (ORT would otherwise pick accuracy_level 4 = int8 activations
 # for the MatMulNBits it fuses out of DequantizeLinear + MatMul).
@@ -77,6 +79,14 @@ class StatefulGraph:
         self.position += t
         return outs
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions of every KV cache (`past.*.key/value` [B, Hkv, P, D]); graphs with
+        recurrent state cannot be cut back (BackendError)."""
+        if any(not n.endswith((".key", ".value")) for n in self.state):
+            raise BackendError("only KV caches can be truncated; recurrent state needs a snapshot")
+        self.state = {n: a[:, :, :length] for n, a in self.state.items()}
+        self.position = length
+
 
 @register_backend("ort")
 class OrtBackend(Model):
@@ -127,5 +137,49 @@ class OrtBackend(Model):
         self._mtp.reset(ids.shape[0])
         return self._mtp.run({"input_ids": ids, "hidden": np.asarray(hidden, np.float32)})["logits"]
 
+    def drafter(self, method):
+        if not self.mtp_path.is_file():
+            raise BackendError(f"{self.path}: no mtp.onnx (the model has no MTP head); --speculative {method} needs one")
+        return OrtDrafter(self)
+
     def describe(self):
         return {**super().describe(), "providers": self.session.get_providers()}
+
+
+class OrtDrafter(Drafter):
+    """Speculative decoding over model.onnx + mtp.onnx. The decoder's LinearAttention returns only the final
+    recurrent state, so `keep` of fewer tokens than verified restores the state from before the verify pass and
+    feeds the kept tokens again (exact; llama.cpp's checkpoint-and-replay). The MTP graph's KV cache is cut back."""
+
+    def __init__(self, backend: OrtBackend):
+        self.decoder = StatefulGraph(backend.session)
+        self.mtp = StatefulGraph(make_session(backend.mtp_path, backend.device))
+        if "mtp_hidden" not in self.mtp.outputs:
+            raise BackendError(f"{backend.mtp_path}: no `mtp_hidden` output (exported before speculative decoding); "
+                               f"re-run `nextq export onnx`")
+        self.saved: tuple[dict[str, np.ndarray], int, np.ndarray] | None = None
+
+    def prefill(self, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        self.decoder.reset(ids.shape[0])
+        outs = self.decoder.run({"input_ids": ids})
+        return outs["logits"][:, -1], outs["hidden"]
+
+    def verify(self, ids):
+        self.saved = (self.decoder.state, self.decoder.position, ids)  # run() replaces the arrays, never mutates
+        outs = self.decoder.run({"input_ids": ids})
+        return outs["logits"], outs["hidden"]
+
+    def keep(self, n):
+        state, position, ids = self.saved
+        if n < ids.shape[1]:
+            self.decoder.state, self.decoder.position = state, position
+            self.decoder.run({"input_ids": ids[:, :n]})
+
+    def draft(self, hidden, ids, start):
+        if start == 0:
+            self.mtp.reset(ids.shape[0])
+        else:
+            self.mtp.truncate(start)
+        outs = self.mtp.run({"input_ids": ids, "hidden": np.asarray(hidden, np.float32)})
+        return outs["logits"], outs["mtp_hidden"]
