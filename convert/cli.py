@@ -11,6 +11,7 @@ blocks, whatever the model's size.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +25,22 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 TARGETS = ("ir", "gguf", "onnx")
 
 
-def convert(source: str, output: Path, revision: str | None = None, dtype: str = "auto", force: bool = False):
-    """Read `source` lazily and write the IR directory tensor by tensor; returns the graph."""
+def read_source(source: str, revision: str | None = None, rope_scaling: str | None = None, **kw):
+    """`read_hf`, with the config's RoPE scaling replaced by a `--rope-scaling` value when given."""
     from .hf import read_hf
+    from .hf_rope import parse_rope_override
 
-    graph = read_hf(source, revision)
+    graph = read_hf(source, revision, **kw)
+    if rope_scaling is not None:
+        c = graph.config
+        graph.config = dataclasses.replace(c, rope_scaling=parse_rope_override(rope_scaling, c.max_position_embeddings))
+    return graph
+
+
+def convert(source: str, output: Path, revision: str | None = None, dtype: str = "auto", force: bool = False,
+            rope_scaling: str | None = None):
+    """Read `source` lazily and write the IR directory tensor by tensor; returns the graph."""
+    graph = read_source(source, revision, rope_scaling)
     target = DTYPES[dtype]
     cast = None
     if target is not None:
@@ -55,7 +67,8 @@ def byte_progress(total: int, description: str, show: bool = True) -> Iterator[C
 
 
 def convert_direct(source: str, output: Path, recipe: str, to: str = "gguf", revision: str | None = None,
-                   force: bool = False, workers: int = 2, progress: bool = True) -> dict:
+                   force: bool = False, workers: int = 2, progress: bool = True,
+                   rope_scaling: str | None = None) -> dict:
     """Checkpoint -> quantized `to` (ir | gguf | onnx) in one pass, RTN (no calibration); returns a summary.
 
     Summary: {"tensors": per-output-type counts (gguf) or the quantization report (ir), "source_bytes": n}.
@@ -63,12 +76,10 @@ def convert_direct(source: str, output: Path, recipe: str, to: str = "gguf", rev
     from nextq.quant.apply import _source_bytes, quantize_graph, quantized_view
     from nextq.quant.recipes import get_recipe
 
-    from .hf import read_hf
-
     if to not in TARGETS:
         raise click.UsageError(f"--to {to!r}: supported: {', '.join(TARGETS)}")
     rec = get_recipe(recipe)
-    graph = read_hf(source, revision, hash_shards=(to == "ir"))  # shard hashes only land in an IR's provenance
+    graph = read_source(source, revision, rope_scaling, hash_shards=(to == "ir"))  # hashes: only an IR keeps them
     total = sum(_source_bytes(t) for t in graph.tensors.values())
     label = f"{rec.name} -> {to}"
     with byte_progress(total, label, progress) as advance:
@@ -101,22 +112,25 @@ def convert_direct(source: str, output: Path, recipe: str, to: str = "gguf", rev
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
               help="Store weights in this dtype; auto keeps the checkpoint's (plain --to ir only).")
+@click.option("--rope-scaling", "rope_scaling", metavar="yarn:FACTOR[:ORIGINAL]|JSON|default",
+              help="Replace the config's RoPE scaling: YaRN with FACTOR over ORIGINAL positions (default: the "
+                   "config's max_position_embeddings), a JSON rope dict as in config.json, or default (plain RoPE).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def convert_cmd(source, output, to, recipe, workers, revision, dtype, force):
+def convert_cmd(source, output, to, recipe, workers, revision, dtype, rope_scaling, force):
     """Convert a Qwen3-Next checkpoint (local directory or Hub repo id) into an IR directory, or with --recipe
     straight into a quantized IR, GGUF file or ONNX directory, streaming one tensor at a time (no full-precision
     intermediate on disk; progress shows throughput and ETA)."""
     if recipe is None:
         if to != "ir":
             raise click.UsageError(f"--to {to} needs --recipe (or convert to an IR and use `nextq export`)")
-        graph = convert(source, output, revision, dtype, force)
+        graph = convert(source, output, revision, dtype, force, rope_scaling)
         c = graph.config
         console.print(f"[green]wrote[/] {output}: {c.num_hidden_layers} layers, {c.num_experts} experts, "
                       f"{len(graph.tensors)} tensors")
         return
     if dtype != "auto":
         raise click.UsageError("--dtype applies to a plain conversion; with --recipe the recipe decides dtypes")
-    summary = convert_direct(source, output, recipe, to, revision, force, workers)
+    summary = convert_direct(source, output, recipe, to, revision, force, workers, rope_scaling=rope_scaling)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensors"].items()))
     size = (output.stat().st_size if output.is_file()
             else sum(p.stat().st_size for p in output.rglob("*") if p.is_file()))

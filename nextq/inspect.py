@@ -66,6 +66,7 @@ def human(n: float) -> str:
 def inspect_cmd(model: Path):
     """Show a model's blocks (IR directory or Hugging Face directory): kinds, parameters, storage, bytes."""
     from . import read
+    from .runtime.rope import describe_rope
 
     graph = read(str(model))
     c = graph.config
@@ -80,6 +81,7 @@ def inspect_cmd(model: Path):
     nbytes = sum(r["bytes"] for r in rows)
     table.add_row("total", "", "", human(params), "", human(nbytes) + "B", f"{8 * nbytes / params:.2f}", style="bold")
     out.print(table)
+    out.print(describe_rope(c))
     if graph.provenance:
         p = graph.provenance
         out.print(f"source: {p.get('source')}  revision: {p.get('revision')}  tool: {p.get('tool')}")

@@ -88,3 +88,15 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_fact
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)  # [T, rot/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
+
+
+def describe_rope(c: ModelConfig) -> str:
+    """One line for `nextq inspect`: the rotary setting and, with YaRN, its effective parameters."""
+    plain = f"theta {c.rope_theta:g}, {c.rotary_dim} of {c.head_dim} dims rotated"
+    s = c.rope_scaling
+    if s is None:
+        return f"rope: plain, {plain}"
+    return (f"rope: {s.rope_type} factor {s.factor:g} over original {s.original_max_position_embeddings} "
+            f"(context {int(s.factor * s.original_max_position_embeddings)}), attention factor "
+            f"{yarn_attention_factor(s):.7g}, beta_fast {s.beta_fast or YARN_BETA_FAST:g} / beta_slow "
+            f"{s.beta_slow or YARN_BETA_SLOW:g}{'' if s.truncate else ', untruncated'}, {plain}")
