@@ -1,7 +1,9 @@
-"""`nextq run`: generate from a model with any backend, streaming text and reporting tokens/s."""
+"""`nextq run`: generate from a model with any backend, streaming text and reporting tokens/s (and, with
+`--speculative mtp`, the draft acceptance); `--json` prints one JSON object instead."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from nextq.console import console
 from nextq.errors import BackendError
 
 from .generate import Sampling
+from .speculative import MAX_DRAFT_TOKENS, METHODS, SpeculativeStats
 
 
 def sampling_options(fn):
@@ -30,8 +33,9 @@ def sampling_options(fn):
 
 
 def run_generation(model_path: Path, prompt: str, *, backend=None, device="cpu", chat=False, max_new_tokens=64,
-                   echo=True, **sampling) -> dict:
-    """Load, generate (streaming to stdout), and return timing figures."""
+                   echo=True, speculative: str | None = None, draft_tokens: int = 2, **sampling) -> dict:
+    """Load, generate (streaming to stdout when `echo`), and return the new ids, text and timing figures (plus
+    `speculative`: draft_tokens, acceptance_rate, mean_accepted, ... when drafting with the MTP head)."""
     from nextq import load
 
     t0 = time.perf_counter()
@@ -46,16 +50,24 @@ def run_generation(model_path: Path, prompt: str, *, backend=None, device="cpu",
                                                      add_generation_prompt=True)
     if echo:
         click.echo(prompt, nl=False)
+    spec = SpeculativeStats(draft_tokens) if speculative else None
     t1 = time.perf_counter()
     new = model.generate(prompt, max_new_tokens=max_new_tokens, sampling=Sampling(**sampling),
-                         on_text=(lambda s: click.echo(s, nl=False)) if echo else None)
+                         on_text=(lambda s: click.echo(s, nl=False)) if echo else None, speculative=speculative,
+                         draft_tokens=draft_tokens, stats=spec)
     gen_s = time.perf_counter() - t1
     if echo:
         click.echo()
     n = int(np.asarray(new).shape[1])
     stats = {"backend": model.name, "load_s": load_s, "tokens": n, "seconds": gen_s, "tokens_per_s": n / gen_s,
-             "text": model.tokenizer.decode(new[0], skip_special_tokens=True) if model.tokenizer else None}
-    console.print(f"[dim]{model.name}: {n} tokens in {gen_s:.2f}s = {n / gen_s:.1f} tokens/s (load {load_s:.2f}s)[/]")
+             "ids": np.asarray(new)[0].tolist(), "text": model.tokenizer.decode(new[0], skip_special_tokens=True)}
+    line = f"{model.name}: {n} tokens in {gen_s:.2f}s = {n / gen_s:.1f} tokens/s (load {load_s:.2f}s)"
+    if spec is not None:
+        stats["speculative"] = spec.as_dict()
+        line += (f"; {speculative} k={draft_tokens}: acceptance {spec.acceptance_rate:.1%} "
+                 f"({spec.accepted}/{spec.drafted}), {spec.mean_accepted:.2f} accepted per verify step")
+    if echo:
+        console.print(f"[dim]{line}[/]")
     return stats
 
 
@@ -65,8 +77,16 @@ def run_generation(model_path: Path, prompt: str, *, backend=None, device="cpu",
 @click.option("--backend", help="Override the backend implied by MODEL (torch, transformers, ...).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--speculative", type=click.Choice(sorted(METHODS)),
+              help="Speculative decoding: `mtp` drafts with the model's MTP head (torch and ort backends).")
+@click.option("--draft-tokens", type=click.IntRange(1, MAX_DRAFT_TOKENS), default=2, show_default=True,
+              help="Tokens the MTP head drafts per verify step (with --speculative).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (ids, text, tokens_per_s, speculative) instead of streaming.")
 @sampling_options
-def run_cmd(model, prompt, backend, device, chat, max_new_tokens, **sampling):
+def run_cmd(model, prompt, backend, device, chat, speculative, draft_tokens, as_json, max_new_tokens, **sampling):
     """Generate text from MODEL (IR directory, Hugging Face directory, ...), streaming tokens."""
-    run_generation(model, prompt, backend=backend, device=device, chat=chat, max_new_tokens=max_new_tokens,
-                   **sampling)
+    stats = run_generation(model, prompt, backend=backend, device=device, chat=chat, max_new_tokens=max_new_tokens,
+                           echo=not as_json, speculative=speculative, draft_tokens=draft_tokens, **sampling)
+    if as_json:
+        click.echo(json.dumps(stats))
