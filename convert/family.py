@@ -142,6 +142,10 @@ class Family:
     prefixes: dict[str, str] = field(default_factory=dict)  # stored key prefix -> prefix the maps are written for
     dropped: dict[str, str] = field(default_factory=lambda: dict(COMMON_DROPPED))  # key regex -> reason
 
+    def config(self, hf: dict) -> ModelConfig:
+        """The ModelConfig of a config.json of this family, the family recorded."""
+        return dataclasses.replace(self.read_config(hf), family=self.name)
+
     def canonical_key(self, key: str) -> str:
         for old, new in self.prefixes.items():
             if key.startswith(old):
@@ -203,7 +207,7 @@ def read_family(family: Family, ckpt: HFCheckpoint) -> Graph:
 
     The graph's provenance gets `dropped`: {reason: number of stored tensors dropped for it}.
     """
-    config = dataclasses.replace(family.read_config(ckpt.config), family=family.name)
+    config = family.config(ckpt.config)
     tensors: dict[str, SourceTensor] = {}
     unknown: list[str] = []
     dropped: dict[str, int] = {}
@@ -235,10 +239,11 @@ def read_family(family: Family, ckpt: HFCheckpoint) -> Graph:
             f"unknown tensors in checkpoint ({len(unknown)}): {', '.join(unknown[:8])}"
             + (f", ... (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
         )
-    if config.mtp_num_hidden_layers == 0 and any(k.startswith("mtp.") for k in tensors):
-        # Checkpoints on the Hub carry mtp.* without declaring it in config.json (transformers ignores them).
-        n = len({k.split(".")[2] for k in tensors if k.startswith("mtp.layers.")})
-        config = dataclasses.replace(config, mtp_num_hidden_layers=n)
+    stored = len({k.split(".")[2] for k in tensors if k.startswith("mtp.layers.")})
+    if (config.mtp_num_hidden_layers == 0) != (stored == 0):
+        # Qwen3-Next checkpoints on the Hub carry mtp.* without declaring it in config.json; transformers'
+        # save_pretrained drops mtp.* (it ignores them on load) but keeps a declared mtp_num_hidden_layers.
+        config = dataclasses.replace(config, mtp_num_hidden_layers=stored)
     return Graph(config, tensors, provenance={"dropped": dropped} if dropped else {})
 
 

@@ -1,4 +1,5 @@
-"""`nextq export gguf IR -o FILE.gguf`: the canonical graph as a GGUF file that llama.cpp's `qwen3next` loads.
+"""`nextq export gguf IR -o FILE.gguf`: the canonical graph as a GGUF file that llama.cpp loads, as the
+architecture of the IR's family (`qwen3next`, `qwen35moe` or `qwen35`; gguf_names.ARCHS).
 
 Written with gguf-py's GGUFWriter in its streaming order (header, key/values, tensor infos, then tensor data one
 by one), so memory stays bounded by the largest tensor written whole: stacked experts are written expert by expert,
@@ -17,6 +18,7 @@ always F32 (llama.cpp's converter rule).
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +48,10 @@ PRECISION = ("f32", "f16", "bf16", "q8_0", "q4_1", "q4_0")
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}  # llama_ftype
 QWEN2_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                       r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5's split: letters include combining marks (llama.cpp LLAMA_VOCAB_PRE_TYPE_QWEN35, src/llama-vocab.cpp)
+QWEN35_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"
+                       r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRETOKENIZERS = {"qwen2": QWEN2_PRETOKENIZER, "qwen35": QWEN35_PRETOKENIZER}  # llama.cpp name -> split regex
 QUANT_BLOCK = 32  # Q8_0 / Q4_0 / Q4_1 block length along K
 
 
@@ -143,9 +149,10 @@ def choose_type(pt: names.PlannedTensor, graph: Graph, opts: GGUFOptions, k: int
         return "f32"
     wanted = {source_type(s, describe(graph.tensors[s]), opts) for s in pt.sources}
     t = min(wanted, key=PRECISION.index)
-    if t.startswith("q") and k % QUANT_BLOCK:  # as llama.cpp's converter: rows that do not fill blocks -> F16
-        console.print(f"[yellow]warning:[/] {pt.name}: row length {k} is not a multiple of {QUANT_BLOCK}; "
-                      f"writing F16 instead of {t.upper()}", soft_wrap=True)
+    unit = k if pt.rule.col_group is None else math.gcd(k, pt.rule.col_group(graph.config))
+    if t.startswith("q") and unit % QUANT_BLOCK:  # as llama.cpp's converter: rows that do not fill blocks -> F16
+        console.print(f"[yellow]warning:[/] {pt.name}: row length {k} (column groups of {unit}) is not a multiple "
+                      f"of {QUANT_BLOCK}; writing F16 instead of {t.upper()}", soft_wrap=True)
         return "f16"
     return t
 
@@ -181,7 +188,7 @@ def plan(graph: Graph, opts: GGUFOptions) -> list[Entry]:
     out = []
     for pt in names.plan_tensors(c, layer_kinds(graph)):
         shapes = [tuple(graph.tensors[s].shape) for s in pt.sources]
-        if len(shapes[0]) == 1:
+        if len(shapes[0]) == 1 or pt.rule.col_group is not None:  # 1-D, or one tensor's columns permuted
             shape = shapes[0]
         else:  # row layouts do not look at columns: run them on one column to get the row shape
             rows = pt.rule.pack(c, [np.zeros((s[0], 1), np.float32) for s in shapes])
@@ -265,17 +272,20 @@ def write_metadata(w, graph: Graph, entries: list[Entry], name: str) -> None:
     import gguf
 
     c = graph.config
+    arch = names.arch_of(c)
     w.add_type("model")
     w.add_name(name)
-    for m in names.METADATA:
+    for m in arch.metadata:
         v = m.value(c)
         if m.key in names.OPTIONAL_KEYS and not v:
             continue
-        key = f"{names.ARCH}.{m.key}"
+        key = f"{arch.name}.{m.key}"
         if m.kind == names.U32:
             w.add_uint32(key, int(v))
         elif m.kind == names.F32:
             w.add_float32(key, float(v))
+        elif m.kind == names.INTS:
+            w.add_array(key, [int(x) for x in v])
         else:
             w.add_key_value(key, list(v), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.BOOL)
     weights = defaultdict(int)
@@ -292,7 +302,8 @@ def looks_special(token: str) -> bool:
 
 
 def write_tokenizer(w, graph: Graph) -> None:
-    """gpt2 (byte-level BPE) vocabulary with the qwen2 pre-tokenizer, merges, special ids and chat template."""
+    """gpt2 (byte-level BPE) vocabulary with its pre-tokenizer (qwen2 or qwen35), merges, special ids and chat
+    template."""
     import gguf
 
     c = graph.config
@@ -304,10 +315,11 @@ def write_tokenizer(w, graph: Graph) -> None:
     if model.get("type") != "BPE":
         raise UnsupportedModelError(f"tokenizer.json model.type={model.get('type')!r}, supported: ['BPE']")
     regexes = [p.get("pattern", {}).get("Regex") for p in (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])]
-    if QWEN2_PRETOKENIZER not in regexes:
+    pre = next((name for name, rx in PRETOKENIZERS.items() if rx in regexes), None)
+    if pre is None:
         raise UnsupportedModelError(
-            f"tokenizer.json pre_tokenizer split regex {regexes} is not Qwen2's; llama.cpp would tokenize with "
-            f"'qwen2' ({QWEN2_PRETOKENIZER!r}) and disagree")
+            f"tokenizer.json pre_tokenizer split regex {regexes} is none of {sorted(PRETOKENIZERS)} "
+            f"({list(PRETOKENIZERS.values())}); llama.cpp would tokenize differently")
     by_id: dict[int, tuple[str, int]] = {i: (s, gguf.TokenType.NORMAL) for s, i in model["vocab"].items()}
     for t in tj.get("added_tokens", []):
         special = t.get("special") or looks_special(t["content"])
@@ -316,7 +328,7 @@ def write_tokenizer(w, graph: Graph) -> None:
         raise CheckpointError(f"tokenizer.json: token id {max(by_id)} >= vocab_size={c.vocab_size} (embedding rows)")
     tokens = [by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(c.vocab_size)]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list([s for s, _ in tokens])
     w.add_token_types([int(t) for _, t in tokens])
     special = gguf.SpecialVocab(tok_path.parent, load_merges=True, n_vocab=c.vocab_size)
@@ -372,7 +384,7 @@ def write_pieces(w, e: Entry, data: Iterator[np.ndarray]) -> None:
 
 def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions(), force: bool = False,
                 name: str | None = None, progress: bool = False, vocab_only: bool = False) -> dict[str, int]:
-    """Write `graph` as a qwen3next GGUF at `out` (atomic). Returns the count of tensors per GGUF type.
+    """Write `graph` as a GGUF of its family's architecture at `out` (atomic). Returns tensor counts per GGUF type.
 
     vocab_only: metadata and tokenizer without tensors (llama.cpp opens such files with vocab_only=True).
     """
@@ -386,7 +398,7 @@ def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions()
     requant = Requant()
     name = name or Path(str(graph.provenance.get("source") or out.stem)).name
     with atomic_output(out, force, directory=False) as tmp:
-        w = gguf.GGUFWriter(tmp, names.ARCH)
+        w = gguf.GGUFWriter(tmp, names.arch_of(graph.config).name)
         write_metadata(w, graph, entries, name)
         write_tokenizer(w, graph)
         for e in entries:
@@ -426,7 +438,8 @@ def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions()
                    "error is measured and printed); needed for fp8, which GGUF cannot hold.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def gguf_cmd(ir, output, type_, requantize, force):
-    """Export an IR directory as a GGUF file for llama.cpp (architecture qwen3next)."""
+    """Export an IR directory as a GGUF file for llama.cpp (architecture qwen3next, qwen35moe or qwen35, from the
+    IR's family)."""
     graph = Graph.load(ir)
     counts = export_gguf(graph, output, GGUFOptions(type_, requantize), force=force, progress=True)
     summary = ", ".join(f"{n} {t.upper()}" for t, n in sorted(counts.items()))

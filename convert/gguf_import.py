@@ -1,4 +1,5 @@
-"""GGUF `qwen3next` -> the canonical graph (ours, or a file made by llama.cpp's convert_hf_to_gguf.py).
+"""GGUF `qwen3next` / `qwen35moe` / `qwen35` -> the canonical graph (ours, or one made by llama.cpp's
+convert_hf_to_gguf.py); the architecture gives the IR's family.
 
 The inverse of `gguf_export`, driven by the same declarative map (`gguf_names`): metadata -> ModelConfig, each GGUF
 tensor dequantized to float32 (gguf-py's reference dequantizers) and split back into canonical tensors by the
@@ -9,7 +10,8 @@ rounds at export: zero-centred norms are stored as fl(1 + w), so the imported w'
 subtraction) differs from w by at most half an ulp of 1.0 (6e-8) while 1 + w' equals the stored scale exactly;
 A_log = log(-fl(-exp(A_log))) is within a few float32 ulps. GGUF -> IR -> GGUF is bit-exact.
 Quantized GGUF tensors (Q4_0, Q8_0, ...) are imported dequantized to float32.
-The tokenizer is rebuilt as a Qwen2-style byte-level BPE tokenizer.json (+ tokenizer_config.json, chat template).
+The tokenizer is rebuilt as a byte-level BPE tokenizer.json with the file's pre-tokenizer split (qwen2 or qwen35),
++ tokenizer_config.json and the chat template.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from nextq.errors import CheckpointError, UnsupportedModelError
 from nextq.graph import Graph, ModelConfig, build_blocks
 
 from . import gguf_names as names
-from .gguf_export import QWEN2_PRETOKENIZER, layer_kinds
+from .gguf_export import PRETOKENIZERS, layer_kinds
 
 
 def _f32(v: float) -> float:
@@ -42,10 +44,10 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def read_config(reader, tensor_names: set[str]) -> ModelConfig:
-    """ModelConfig from the `qwen3next.*` keys (the inverse of gguf_names.METADATA)."""
+    """ModelConfig from the `{arch}.*` keys (the inverse of the architecture's metadata in gguf_names)."""
     arch = _field(reader, "general.architecture")
-    if arch != names.ARCH:
-        raise UnsupportedModelError(f"GGUF general.architecture={arch!r}, supported: [{names.ARCH!r}]")
+    family = names.family_of(arch)
+    keys = {m.key for m in names.ARCHS[family].metadata}
 
     def key(k: str, default: Any = None) -> Any:
         v = _field(reader, f"{arch}.{k}", default)
@@ -63,7 +65,19 @@ def read_config(reader, tensor_names: set[str]) -> ModelConfig:
     hv = int(key("ssm.time_step_rank"))
     token_id = {t: _field(reader, f"tokenizer.ggml.{t}_token_id") for t in ("bos", "eos", "padding")}
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    sections = [int(x) for x in _field(reader, f"{arch}.rope.dimension_sections", [])]
+    while sections and sections[-1] == 0:  # written padded to 4
+        sections.pop()
+
+    # sizes an architecture does not write (qwen35: experts, qwen35moe: the dense FFN) keep ModelConfig's defaults
+    sizes = {field: int(key(k)) for k, field in (
+        ("feed_forward_length", "intermediate_size"), ("expert_feed_forward_length", "moe_intermediate_size"),
+        ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")) if k in keys}
+    experts = {field: int(key(k)) if k in keys else 0 for k, field in (
+        ("expert_count", "num_experts"), ("expert_used_count", "num_experts_per_tok"))}
     return ModelConfig(
+        family=family,
+        mrope_section=tuple(sections),
         vocab_size=int(embd.shape[1]),
         hidden_size=int(key("embedding_length")),
         num_hidden_layers=n_layers,
@@ -79,12 +93,9 @@ def read_config(reader, tensor_names: set[str]) -> ModelConfig:
         linear_key_head_dim=int(key("ssm.state_size")),
         linear_value_head_dim=int(key("ssm.inner_size")) // hv,
         linear_conv_kernel_dim=int(key("ssm.conv_kernel")),
-        intermediate_size=int(key("feed_forward_length")),
-        num_experts=int(key("expert_count")),
-        num_experts_per_tok=int(key("expert_used_count")),
-        moe_intermediate_size=int(key("expert_feed_forward_length")),
-        shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length")),
-        norm_topk_prob=True,  # llama.cpp's qwen3next always renormalises
+        **sizes,
+        **experts,
+        norm_topk_prob=True,  # llama.cpp's qwen3next / qwen35moe always renormalise
         rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensor_names,
         mtp_num_hidden_layers=n_mtp,
@@ -109,6 +120,10 @@ def write_tokenizer_files(reader, out: Path) -> dict[str, Path]:
         return {}
     if model != "gpt2":
         raise UnsupportedModelError(f"GGUF tokenizer.ggml.model={model!r}, supported: ['gpt2']")
+    pre_name = _field(reader, "tokenizer.ggml.pre", "qwen2")
+    if pre_name not in PRETOKENIZERS:
+        raise UnsupportedModelError(f"GGUF tokenizer.ggml.pre={pre_name!r}, supported: {sorted(PRETOKENIZERS)}")
+    pre = PRETOKENIZERS[pre_name]
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [m.split(" ", 1) for m in _field(reader, "tokenizer.ggml.merges", [])]
@@ -122,7 +137,7 @@ def write_tokenizer_files(reader, out: Path) -> dict[str, Path]:
     tj = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN2_PRETOKENIZER}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": pre}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
@@ -145,7 +160,7 @@ def write_tokenizer_files(reader, out: Path) -> dict[str, Path]:
 
 
 def read_gguf(path: str | Path) -> Graph:
-    """Read a qwen3next GGUF into the canonical graph (tensors held in memory as float32)."""
+    """Read a qwen3next / qwen35moe / qwen35 GGUF into the canonical graph (tensors held in memory as float32)."""
     from gguf import GGUFReader
 
     path = Path(path)
@@ -160,7 +175,7 @@ def read_gguf(path: str | Path) -> Graph:
     extra = sorted(set(by_name) - {pt.name for pt in plan})
     if missing or extra:
         raise CheckpointError(f"{path}: GGUF tensors missing {missing[:8]} / unexpected {extra[:8]} for the "
-                              "qwen3next layout of its metadata")
+                              f"{names.arch_of(config).name} layout of its metadata")
     offsets = {}
     for b in build_blocks(config):
         offsets.update({k: v.norm_offset for k, v in b.tensor_specs(config).items()})
@@ -177,5 +192,5 @@ def read_gguf(path: str | Path) -> Graph:
     graph.tensors = tensors
     graph.check()
     graph.assets = write_tokenizer_files(reader, Path(tempfile.mkdtemp(prefix="nextq-gguf-tok-")))
-    graph.provenance = {"source": str(path), "format": "gguf", "architecture": names.ARCH}
+    graph.provenance = {"source": str(path), "format": "gguf", "architecture": names.arch_of(config).name}
     return graph

@@ -6,7 +6,8 @@ Hub's layout: language model under `model.language_model.*`, its config under `t
 - `linear_attn` projections are stored flat and separate: `in_proj_qkv` [2 Hk dk + Hv dv, H] = [q | k | v] (value
   head j uses key head j // (Hv / Hk), the canonical order already), `in_proj_z`, `in_proj_b`, `in_proj_a`.
 - The MoE router always renormalises the top-k weights (`Qwen3_5MoeTopKRouter` has no flag): norm_topk_prob=True.
-  MoE models have no dense-MLP layers (intermediate_size 0), dense models no experts (num_experts 0).
+  MoE models have no dense-MLP layers, dense models no experts (num_experts 0); the sizes a config has no field
+  for (intermediate_size of a MoE model, expert sizes of a dense one) keep ModelConfig's defaults, unused.
 - M-RoPE: `rope_parameters.mrope_section` is kept (GGUF's `rope.dimension_sections`); on text positions all three
   axes carry the same position, so the rotation is ordinary partial RoPE (tests/test_qwen3_5.py checks it against
   transformers' Qwen3_5*ForConditionalGeneration, the M-RoPE code path).
@@ -60,8 +61,7 @@ def _read_config(hf: Mapping, moe: bool) -> ModelConfig:
     refuse_fields(text, REFUSED, "config (text_config)" if "text_config" in hf else "config")
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     refuse_fields(rope, REFUSED_ROPE, "config: rope_parameters")
-    ffn = dict(norm_topk_prob=True, intermediate_size=0) if moe else dict(
-        num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, shared_expert_intermediate_size=0)
+    ffn = dict(norm_topk_prob=True) if moe else dict(num_experts=0, num_experts_per_tok=0)
     kw = copy_fields(text, COMMON_FIELDS + (MOE_FIELDS if moe else DENSE_FIELDS))
     return ModelConfig(
         layer_types=read_layer_types(text),

@@ -368,7 +368,7 @@ def build_card(repo_id: str, ir: Path, chosen: list[Artifact], matched: dict[Art
     data = ModelCardData(
         base_model=base_model, base_model_relation="quantized" if base_model and quantized else None, **lic,
         library_name=KINDS[kinds[0]].library, pipeline_tag="text-generation",
-        tags=["nextq", "qwen3_next", *(["quantized"] if quantized else []), *(KINDS[k].tag for k in kinds),
+        tags=["nextq", c.family, *(["quantized"] if quantized else []), *(KINDS[k].tag for k in kinds),
               *quantized])
     files = [[a.kind, KINDS[a.kind].engine, f"`{a.label}`", str(len(a.files)), human(a.size) + "B",
               f"{8 * a.size / totals['params']:.2f}"] for a in chosen]
@@ -379,8 +379,9 @@ def build_card(repo_id: str, ir: Path, chosen: list[Artifact], matched: dict[Art
         architecture=prov.get("architecture", "Qwen3NextForCausalLM"), revision=prov.get("revision"),
         tool=prov.get("tool") or f"nextq {__version__}", license=lic["license"], files=files,
         params=human(totals["params"]),
-        config=(f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts "
-                f"top-{c.num_experts_per_tok}, vocab {c.vocab_size}"),
+        config=(f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                + (f"{c.num_experts} experts top-{c.num_experts_per_tok}" if c.num_experts
+                   else f"dense MLP {c.intermediate_size}") + f", vocab {c.vocab_size}"),
         recipe=quant.get("recipe"), calibration=quant.get("calibration"), recipe_rows=rows,
         columns=list(REPORT_COLUMNS), validation=validation_rows(matched),
         report_files=", ".join(f"`{f}`" for f in report_files) or "none", runs=runs)

@@ -84,6 +84,30 @@ def build_checkpoint(out: Path, name: str = "base", *, seed: int = 0, dtype=torc
     return out
 
 
+def write_fixture_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer.json with exactly `vocab_size` ids, Qwen2 pre-tokenizer, chat template."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from nextq.pipeline import embedded_model
+
+    tiny = embedded_model()
+    tj = json.loads((tiny / "tokenizer.json").read_text())  # Qwen2-style skeleton of the embedded tokenizer
+    b2u = bytes_to_unicode()
+    chars = [b2u[b] for b in b"\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()-_=+*/<>[]{}#|&%$@\\"]
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    n_plain = vocab_size - len(specials)
+    vocab = {c: i for i, c in enumerate(chars[: n_plain - len(merges)])}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tj["model"]["vocab"], tj["model"]["merges"] = vocab, [list(m) for m in merges]
+    tj["added_tokens"] = [{"id": n_plain + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                           "normalized": False, "special": True} for i, s in enumerate(specials)]
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+    for f in ("tokenizer_config.json", "chat_template.jinja"):
+        (out / f).write_text((tiny / f).read_text())
+
+
 def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     """transformers' whole-sequence fp32 logits (the reference path: no cache, eager attention)."""
     from transformers import Qwen3NextForCausalLM

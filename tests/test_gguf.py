@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_checkpoint, hf_logits
+from conftest import build_checkpoint, hf_logits, write_fixture_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import llama_cpp_converter  # noqa: E402  (scripts/llama_cpp_converter.py: llama.cpp's own converter, pinned)
@@ -33,27 +33,6 @@ from nextq.quant import quantize  # noqa: E402
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 TINY = embedded_model()
-
-
-def write_fixture_tokenizer(out: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer.json with exactly `vocab_size` ids, Qwen2 pre-tokenizer, chat template."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    tj = json.loads((TINY / "tokenizer.json").read_text())  # Qwen2-style skeleton of the embedded tokenizer
-    b2u = bytes_to_unicode()
-    chars = [b2u[b] for b in b"\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()-_=+*/<>[]{}#|&%$@\\"]
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    n_plain = vocab_size - len(specials)
-    vocab = {c: i for i, c in enumerate(chars[: n_plain - len(merges)])}
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tj["model"]["vocab"], tj["model"]["merges"] = vocab, [list(m) for m in merges]
-    tj["added_tokens"] = [{"id": n_plain + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                           "normalized": False, "special": True} for i, s in enumerate(specials)]
-    (out / "tokenizer.json").write_text(json.dumps(tj))
-    for f in ("tokenizer_config.json", "chat_template.jinja"):
-        (out / f).write_text((TINY / f).read_text())
 
 
 def make_ckpt(root: Path, name: str, **kw) -> Path:
