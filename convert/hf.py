@@ -3,7 +3,6 @@ hand them to the reader registered for the checkpoint's architecture."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,8 +11,9 @@ from pathlib import Path
 from nextq import __version__
 from nextq.console import console
 from nextq.errors import CheckpointError, NextqError, UnsupportedModelError
-from nextq.graph import Graph
+from nextq.graph import POSITIVE_FIELDS, TOKEN_ID_FIELDS, Graph, ModelConfig
 from nextq.storage import StoredTensor, read_header, sha256_file
+from nextq.untrusted import check_json_fields, need, read_json, resolve_inside
 
 # Files carried into the IR directory next to the weights (tokenizer, chat template, generation defaults).
 ASSET_PATTERNS = [
@@ -60,18 +60,51 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str 
     return Path(local), Path(local).name  # snapshot folders are named by commit hash
 
 
+ROPE_NUMBERS = ("rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings", "beta_fast",
+                "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def check_config_json(cfg: dict, where: str) -> None:
+    """The config.json values readers compute with (untrusted): ModelConfig's fields of their annotated types and
+    ranges, the rope objects' numbers, a positive full_attention_interval; Qwen3.5's text_config likewise."""
+    archs = cfg.get("architectures")
+    need(archs is None or isinstance(archs, list) and all(isinstance(a, str) for a in archs), f"{where}: "
+         "architectures", f"expected a list of strings, got {archs!r:.60}")
+    text = cfg.get("text_config")
+    need(text is None or isinstance(text, dict), f"{where}: text_config", "expected a JSON object")
+    for d, w in ((cfg, where), *([(text, f"{where}: text_config")] if text is not None else [])):
+        check_json_fields(ModelConfig, d, w, POSITIVE_FIELDS, TOKEN_ID_FIELDS, skip=("rope_scaling",))
+        for key in ("rope_parameters", "rope_scaling"):
+            rope = d.get(key) or {}
+            need(isinstance(rope, dict), f"{w}: {key}", f"expected a JSON object, got {rope!r:.60}")
+            for k in ROPE_NUMBERS:
+                v = rope.get(k)
+                need(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2 ** 63,
+                     f"{w}: {key}.{k}", f"expected a number, got {v!r:.60}")
+        interval = d.get("full_attention_interval", 1)
+        need(isinstance(interval, int) and interval >= 1, f"{w}: full_attention_interval",
+             f"expected an integer >= 1, got {interval!r:.60}")
+    model = text if text is not None else cfg
+    missing = [k for k in REQUIRED_FIELDS if model.get(k) is None]
+    need(not missing, where, f"missing field(s) {missing}")
+
+
 def open_checkpoint(source: str, revision: str | None = None) -> HFCheckpoint:
     root, resolved = resolve_source(source, revision)
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{root}: no config.json")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(resolve_inside(root, cfg_path.name, "config"))
+    check_config_json(config, str(cfg_path))
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        shards = sorted({root / f for f in weight_map.values()})
+        weight_map = read_json(resolve_inside(root, index.name, "index")).get("weight_map")
+        need(isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()),
+             f"{index}: weight_map", "expected an object of tensor name -> shard file name")
+        shards = sorted({resolve_inside(root, f, "shard") for f in weight_map.values()})
     else:
-        shards = sorted(root.glob("*.safetensors"))
+        shards = sorted(resolve_inside(root, p.name, "shard") for p in root.glob("*.safetensors"))
         weight_map = {}
     if not shards:
         raise CheckpointError(f"{root}: no *.safetensors files")
@@ -104,8 +137,10 @@ def register_reader(architecture: str):
 def read_hf(source: str, revision: str | None = None, hash_shards: bool = True) -> Graph:
     """Read a Hugging Face checkpoint into the canonical graph (lazy: no tensor data is loaded)."""
     from . import qwen3_5, qwen3_next  # noqa: F401  (register their families' readers)
+    from .fp8_source import pair_scales
 
     ckpt = open_checkpoint(source, revision)
+    ckpt.tensors = pair_scales(ckpt.config, ckpt.tensors)  # FP8 releases: weight + weight_scale_inv -> one tensor
     reader = READERS.get(ckpt.architecture)
     if reader is None:
         raise UnsupportedModelError(
@@ -113,7 +148,7 @@ def read_hf(source: str, revision: str | None = None, hash_shards: bool = True) 
         )
     graph = reader(ckpt)
     graph.check()
-    graph.assets = {p: ckpt.root / p for p in ASSET_PATTERNS if (ckpt.root / p).is_file()}
+    graph.assets = {p: resolve_inside(ckpt.root, p, "asset") for p in ASSET_PATTERNS if (ckpt.root / p).is_file()}
     graph.assets["source_config.json"] = ckpt.root / "config.json"
     for why, n in graph.provenance.get("dropped", {}).items():
         console.print(f"note: dropped {n} stored tensors: {why}", soft_wrap=True)

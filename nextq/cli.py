@@ -11,12 +11,21 @@ from .errors import NextqError
 
 
 class Group(click.Group):
+    """Bad input never ends in a traceback: a nextq error, or an OS error on a file the user named (unreadable,
+    a directory where a file was expected), is one `error:` line and a non-zero exit."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except NextqError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
+            _fail(str(e), e.exit_code)
+        except OSError as e:
+            _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e), 2)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo("error: " + " ".join(message.split("\n")), err=True)
+    sys.exit(code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -29,3 +29,11 @@ class RecipeError(NextqError):
 
 class PublishError(NextqError):
     """Publishing to the Hub cannot start or did not complete (token, repo id, artifacts, reports, upload)."""
+
+
+class InputError(NextqError):
+    """A file read from disk is malformed: wrong type or structure, a value out of range, bad encoding."""
+
+
+class UnsafePathError(InputError):
+    """A name read from a file (shard, asset, upload) leaves its directory or is not a regular file."""

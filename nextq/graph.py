@@ -411,18 +411,16 @@ class SourceTensor:
 
 @dataclass(frozen=True)
 class IRTensor:
-    """A dense tensor in an IR shard, memory-mapped on load."""
+    """A dense tensor in an IR shard, read with one positioned read of its byte range (checked at Graph.load)."""
 
     path: str
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    stored: StoredTensor
 
     def load(self) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self.path, "pt") as f:
-            return f.get_tensor(self.key)
+        return self.stored.read()
 
 
 @dataclass
@@ -511,46 +509,140 @@ class Graph:
 
     @classmethod
     def load(cls, path: str | Path) -> Graph:
-        """Open an IR directory lazily: tensors are memory-mapped when first used."""
+        """Open an IR directory lazily: graph.json and every shard header checked (nextq.untrusted: schema, dtype and
+        scheme names from allow-lists, shapes against the headers, names inside the directory); tensors are read
+        when first used."""
         path = Path(path)
         gj = path / "graph.json"
         if not gj.is_file():
             raise CheckpointError(f"{path}: not an IR directory (no graph.json)")
-        doc = json.loads(gj.read_text())
-        if doc.get("format") != IR_FORMAT or doc.get("version") != IR_VERSION:
-            raise CheckpointError(f"{gj}: format {doc.get('format')} v{doc.get('version')}, "
+        doc = read_json(resolve_inside(path, "graph.json", "graph.json"))
+        need_fields(doc, str(gj), IR_KEYS, IR_OPTIONAL_KEYS)
+        if doc["format"] != IR_FORMAT or doc["version"] != IR_VERSION:
+            raise CheckpointError(f"{gj}: format {doc['format']!r:.40} v{doc['version']!r:.20}, "
                                   f"expected {IR_FORMAT} v{IR_VERSION}")
-        config = ModelConfig.from_json(doc["config"])
-        tensors: dict[str, Any] = {}
-        for name, e in doc["tensors"].items():
-            shard = str(path / e["shard"])
-            if "quant" in e:
-                tensors[name] = QuantRef(shard, name, tuple(e["shape"]), e["quant"])
-            else:
-                tensors[name] = IRTensor(shard, name, tuple(e["shape"]), getattr(torch, e["dtype"]))
-        assets = {a: path / a for a in doc.get("assets", [])}
+        config = ModelConfig.from_json(doc["config"], f"{gj}: config")
+        for key, kind in (("tensors", dict), ("blocks", list), ("assets", list), ("provenance", dict)):
+            need(isinstance(doc.get(key, kind()), kind), f"{gj}: {key}", f"expected a JSON {kind.__name__}")
+        shards: dict[Path, ShardIndex] = {}
+        tensors = {name: _index_entry(path, name, e, shards, str(gj)) for name, e in doc["tensors"].items()}
+        assets = {}
+        for a in doc.get("assets", []):
+            assets[a] = resolve_inside(path, a, "asset")
+            need(assets[a].is_file(), f"{gj}: assets", f"{a!r} is listed but is not a file in {path}")
         g = cls(config, tensors, doc.get("provenance", {}), assets)
         g.check()
         return g
 
 
 @dataclass(frozen=True)
+class ShardIndex:
+    """A shard's checked header, and its stored keys grouped by the tensor they belong to (`name.qdata` -> name)."""
+
+    tensors: dict[str, StoredTensor]
+    parts: dict[str, dict[str, StoredTensor]]
+
+    @classmethod
+    def read(cls, shard: Path) -> ShardIndex:
+        tensors = read_header(shard)
+        parts: dict[str, dict[str, StoredTensor]] = {}
+        for key, st in tensors.items():
+            parts.setdefault(key.rsplit(".", 1)[0], {})[key] = st
+        return cls(tensors, parts)
+
+
+def _index_entry(path: Path, name: str, e: Any, shards: dict[Path, ShardIndex], where: str) -> IRTensor | QuantRef:
+    """One tensor entry of graph.json (untrusted), checked against its shard's header (read once per shard)."""
+    w = f"{where}: tensor {name!r}"
+    need(isinstance(e, dict), w, f"expected a JSON object, got {type(e).__name__}")
+    need_fields(e, w, IR_ENTRY_KEYS, IR_ENTRY_OPTIONAL_KEYS)
+    need(("dtype" in e) != ("quant" in e), w, "expected exactly one of dtype (dense) and quant (quantized)")
+    offset = e.get("norm_offset", 0.0)
+    need(isinstance(offset, (int, float)) and not isinstance(offset, bool), w, f"norm_offset: expected a number, "
+                                                                                f"got {offset!r:.40}")
+    shape = need_shape(e["shape"], f"{w} shape")
+    shard = resolve_inside(path, e["shard"], f"tensor {name!r} shard")
+    if shard not in shards:
+        shards[shard] = ShardIndex.read(shard)
+    index = shards[shard]
+    if "dtype" in e:
+        need(isinstance(e["dtype"], str) and e["dtype"] in IR_DTYPES, w,
+             f"dtype {e['dtype']!r:.40}, supported: {', '.join(IR_DTYPES)}")
+        st, dtype = index.tensors.get(name), IR_DTYPES[e["dtype"]]
+        need(st is not None, w, f"not stored in {shard.name}")
+        need((st.dtype, st.shape) == (DTYPE_NAMES[dtype], shape), w, f"graph.json says {e['dtype']} {list(shape)}, "
+                                                                      f"{shard.name} stores {st.dtype} {list(st.shape)}")
+        return IRTensor(str(shard), name, shape, dtype, st)
+    parts = index.parts.get(name, {})
+    meta = _quant_meta(e["quant"], shape, w)
+    _check_layout(name, meta, parts, f"{w} ({shard.name})")
+    return QuantRef(str(shard), name, shape, meta, tuple(parts.values()))
+
+
+def _quant_meta(m: Any, shape: tuple[int, ...], where: str) -> dict[str, Any]:
+    """The `quant` object of a tensor entry: scheme from the registry, shape equal to the entry's, block size an
+    integer, a pair or null, nibble order known or null."""
+    from .quant.schemes import SCHEMES
+    from .quant.tensor import NIBBLE_ORDERS
+
+    w = f"{where} quant"
+    need(isinstance(m, dict), w, f"expected a JSON object, got {type(m).__name__}")
+    need_fields(m, w, ("scheme", "shape", "block_size", "nibble_order"))
+    need(isinstance(m["scheme"], str) and m["scheme"] in SCHEMES, w,
+         f"scheme {m['scheme']!r:.40}, supported: {', '.join(SCHEMES)}")
+    need(len(shape) == 2 and need_shape(m["shape"], f"{w} shape") == shape, w,
+         f"shape {m['shape']!r:.40}, expected the entry's 2-D shape {list(shape)}")
+    block = m["block_size"]
+    if isinstance(block, list):
+        need(len(block) == 2, w, f"block_size {block!r:.40}: expected an integer, a pair or null")
+        need_shape(block, f"{w} block_size")
+    elif block is not None:
+        need(isinstance(block, int) and not isinstance(block, bool) and block > 0, w,
+             f"block_size {block!r:.40}: expected a positive integer, a pair or null")
+    need(m["nibble_order"] is None or m["nibble_order"] in NIBBLE_ORDERS, w,
+         f"nibble_order {m['nibble_order']!r:.40}, expected one of {list(NIBBLE_ORDERS)} or null")
+    return m
+
+
+_LAYOUTS_SEEN: set[tuple] = set()  # layouts already probed (every expert of a model shares a handful)
+
+
+def _check_layout(name: str, meta: dict[str, Any], parts: dict[str, StoredTensor], where: str) -> None:
+    """The stored parts form the scheme's layout of shape `meta["shape"]`: built and dequantized on the meta device
+    (shapes and dtypes only, no data). A dequantizer that cannot run there (numpy-based) is not probed."""
+    from .quant.tensor import QuantizedTensor
+
+    sig = (repr(meta), tuple((k[len(name):], st.dtype, st.shape) for k, st in sorted(parts.items())))
+    if sig in _LAYOUTS_SEEN:
+        return
+    fake = {k: torch.empty(st.shape, dtype=DTYPES[st.dtype], device="meta") for k, st in parts.items()}
+    stored = ", ".join(f"{k} {st.dtype} {list(st.shape)}" for k, st in parts.items()) or "nothing"
+    try:
+        out = QuantizedTensor.from_tensors(name, fake, meta).dequantize()
+    except (ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{where}: stored {stored}: not a {meta['scheme']} layout of shape "
+                              f"{meta['shape']} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except (TypeError, NotImplementedError):  # "can't convert meta device type tensor to numpy" and the like
+        return
+    need(tuple(out.shape) == tuple(meta["shape"]), where,
+         f"stored {stored} dequantize to {list(out.shape)}, expected {meta['shape']}")
+    _LAYOUTS_SEEN.add(sig)
+
+
+@dataclass(frozen=True)
 class QuantRef:
-    """A quantized tensor in an IR shard; loads as a QuantizedTensor."""
+    """A quantized tensor in an IR shard (its stored parts `key.qdata`, ...); loads as a QuantizedTensor."""
 
     path: str
     key: str
     shape: tuple[int, ...]
     meta: dict[str, Any]
+    parts: tuple[StoredTensor, ...]  # `key.qdata`, ...: byte ranges checked against the shard header at Graph.load
 
     def load(self):
-        from safetensors import safe_open
-
         from .quant import QuantizedTensor
 
-        with safe_open(self.path, "pt") as f:
-            parts = {k: f.get_tensor(k) for k in f.keys() if k.startswith(self.key + ".")}
-        return QuantizedTensor.from_tensors(self.key, parts, self.meta)
+        return QuantizedTensor.from_tensors(self.key, {st.key: st.read() for st in self.parts}, self.meta)
 
 
 def shape_of(t: Any) -> tuple[int, ...]:

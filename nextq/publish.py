@@ -31,7 +31,6 @@ batch / Xet dedup answer "already present"). The token comes from HF_TOKEN or th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -44,7 +43,8 @@ from typing import Any
 import click
 
 from .console import console, out
-from .errors import PublishError
+from .errors import InputError, PublishError
+from .untrusted import read_json, regular_file_inside, resolve_inside
 from .inspect import human
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a Hub "namespace/name" (local paths never match twice)
@@ -55,10 +55,13 @@ PROMPT = "def fibonacci(n):"
 
 
 def _ir_files(d: Path) -> list[Path]:
-    """graph.json, its shards and its carried assets (nothing else that happens to lie in the directory)."""
-    doc = json.loads((d / "graph.json").read_text())
-    names = {"graph.json", *(e["shard"] for e in doc["tensors"].values()), *doc.get("assets", [])}
-    return [d / n for n in sorted(names)]
+    """graph.json, its shards and its carried assets (nothing else that happens to lie in the directory), as
+    Graph.load checked them: every name inside the directory."""
+    from .graph import Graph
+
+    g = Graph.load(d)
+    shards = {Path(t.path) for t in g.tensors.values()}
+    return sorted({d / "graph.json", *shards, *g.assets.values()})
 
 
 def _all_files(d: Path) -> list[Path]:
@@ -153,7 +156,8 @@ def find_artifacts(directory: Path) -> list[Artifact]:
     arts = []
     for kind, k in KINDS.items():
         for p in k.find(directory):
-            files = tuple((f, f.relative_to(directory).as_posix()) for f in k.files(p))
+            files = tuple((regular_file_inside(directory, f, f"{kind} file"), f.relative_to(directory).as_posix())
+                          for f in k.files(p))
             arts.append(Artifact(kind, p, _repo_path(p, directory), files))
     return arts
 
@@ -180,26 +184,23 @@ class Report:
 def find_reports(directory: Path) -> list[Report]:
     """`nextq validate` reports in DIR/*.json and DIR/reports/*.json. Anything under reports/ or named *report*
     must be a valid report (else an error); other JSON files (summary.json, ...) are skipped."""
-    from .validate.report import REPORT_FORMAT, validate_doc
+    from .validate.report import REPORT_FORMAT, read_report
 
     reports = []
     for p in sorted([*directory.glob("*.json"), *directory.glob("reports/*.json")]):
+        regular_file_inside(directory, p, "report")
         strict = p.parent != directory or "report" in p.name
+        if not strict:  # summary.json and the like: skipped unless it says it is a report
+            try:
+                doc = read_json(p, expect=None)
+            except InputError:
+                continue
+            if not isinstance(doc, dict) or doc.get("format") != REPORT_FORMAT:
+                continue
         try:
-            doc = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            if strict:
-                raise PublishError(f"{p}: not a readable validation report ({e})") from None
-            continue
-        if not isinstance(doc, dict) or doc.get("format") != REPORT_FORMAT:
-            if strict:
-                raise PublishError(f"{p}: format {doc.get('format') if isinstance(doc, dict) else None!r}, "
-                                   f"expected {REPORT_FORMAT!r} (a `nextq validate --report` file)")
-            continue
-        problems = validate_doc(doc)
-        if problems:
-            raise PublishError(f"{p}: not a valid validation report: {'; '.join(problems[:3])}")
-        reports.append(Report(p, doc))
+            reports.append(Report(p, read_report(p)))
+        except InputError as e:
+            raise PublishError(f"not a readable validation report: {e}") from None
     return reports
 
 
@@ -249,20 +250,20 @@ def source_license(ir: Path) -> dict[str, str]:
     """The license the source carried into the IR: README front matter > LICENSE text > config; else unknown."""
     from huggingface_hub import ModelCard
 
-    readme = ir / "README.md"
+    readme = resolve_inside(ir, "README.md", "asset")
     if readme.is_file():
         data = ModelCard(readme.read_text(), ignore_metadata_errors=True).data
         if data.license:
             return {k: v for k in ("license", "license_name", "license_link") if (v := getattr(data, k, None))}
-    lic = ir / "LICENSE"
+    lic = resolve_inside(ir, "LICENSE", "asset")
     if lic.is_file():
         text = lic.read_text(errors="replace")
         spdx = next((k for k, rx in LICENSE_TEXTS.items() if re.search(rx, text)), None)
         return {"license": spdx} if spdx else {"license": "other", "license_name": "source-license",
                                                 "license_link": "LICENSE"}
-    cfg = ir / "source_config.json"
-    lic_id = json.loads(cfg.read_text()).get("license") if cfg.is_file() else None
-    return {"license": lic_id or "unknown"}
+    cfg = resolve_inside(ir, "source_config.json", "asset")
+    lic_id = read_json(cfg).get("license") if cfg.is_file() else None
+    return {"license": lic_id if isinstance(lic_id, str) and lic_id else "unknown"}
 
 
 def recipe_rows(ir: Path) -> tuple[list[list[str]], dict[str, Any]]:
@@ -457,7 +458,7 @@ def make_plan(directory: str | Path, repo_id: str, *, include: list[str] | None 
     files += reports
     lic = irs[0].path / "LICENSE"
     if lic.is_file() and "LICENSE" not in {p for _, p in files}:
-        files.append((lic, "LICENSE"))  # the source's license travels with the weights
+        files.append((regular_file_inside(directory, lic, "LICENSE"), "LICENSE"))  # the source's license travels with the weights
     files = list(dict.fromkeys(files))
     if "README.md" in {p for _, p in files}:
         files = [f for f in files if f[1] != "README.md"]  # the generated card replaces a carried README

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZES = {k: v.itemsize for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -64,34 +64,12 @@ class StoredTensor:
 
 
 def read_header(path: str | Path) -> dict[str, StoredTensor]:
-    """Parse a safetensors header; check that every tensor lies inside the file (catches truncated shards)."""
-    path = str(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-        (hlen,) = struct.unpack("<Q", raw)
-        if hlen > size - 8:
-            raise CheckpointError(f"{path}: header length {hlen} exceeds file size {size} (truncated or corrupt)")
-        try:
-            header = json.loads(f.read(hlen))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    base = 8 + hlen
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has dtype {info['dtype']}, supported: {sorted(DTYPES)}")
-        begin, end = info["data_offsets"]
-        if base + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {key!r} ends at byte {base + end} but the file has {size} bytes"
-            )
-        out[key] = StoredTensor(path, key, info["dtype"], tuple(info["shape"]), base + begin, base + end)
-    return out
+    """The tensors of a safetensors file, its header checked first (`untrusted.safetensors_header`: sizes, dtype
+    names, shapes against byte ranges, ranges inside the file: a truncated shard is refused here)."""
+    from .untrusted import safetensors_header
+
+    return {key: StoredTensor(str(path), key, e.dtype, e.shape, e.begin, e.end)
+            for key, e in safetensors_header(path, ITEMSIZES).items()}
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:

@@ -52,9 +52,11 @@ from pathlib import Path
 from typing import Any
 
 from nextq.errors import RecipeError
+from nextq.untrusted import read_text
 from nextq.graph import Block, ModelConfig, build_blocks, expected_tensors
 
 from .int4 import GROUP_SIZES
+from .llama_mix import DEFAULT_TYPE, llama_mix
 from .schemes import FLOAT_DTYPES, SCHEMES
 
 KEEP = "keep"  # store the tensor exactly as the source has it
@@ -127,16 +129,23 @@ class Recipe:
     norms: str = KEEP
     overrides: tuple[Override, ...] = ()
     description: str = ""
+    mix: str = ""  # llama.cpp's per-tensor rules for a K-quant mix (quant/llama_mix.py), applied before overrides
 
     def __post_init__(self):
         for cls in TENSOR_CLASSES:
             allowed = (KEEP, *FLOAT_DTYPES) if cls in FLOAT_ONLY else None
             if problem := _scheme_problem(getattr(self, cls), allowed):
                 raise RecipeError(f"recipe {self.name}: field {cls}: {problem}")
+        if self.mix and self.mix not in DEFAULT_TYPE:
+            raise RecipeError(f"recipe {self.name}: field mix: unknown {self.mix!r}; supported: "
+                              f"{', '.join(DEFAULT_TYPE)}")
 
-    def scheme_for(self, name: str, cls: str) -> tuple[str, str]:
-        """(scheme, where it came from: the class field or the override pattern) for tensor `name` of class `cls`."""
+    def scheme_for(self, name: str, cls: str, mixed: Mapping[str, tuple[str, str]] | None = None) -> tuple[str, str]:
+        """(scheme, where it came from: the class field, the mix rule or the override pattern) for tensor `name` of
+        class `cls`; `mixed` = llama_mix(self.mix, config) when the recipe has a mix."""
         scheme, origin = getattr(self, cls), cls
+        if mixed and name in mixed:
+            scheme, origin = mixed[name]
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o.pattern):
                 scheme, origin = o.scheme, f"override {o.pattern!r}"
@@ -177,6 +186,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
              **{c: "int4_sym_g32" for c in ("experts", *_REST) if c != "lm_head"}, lm_head="int8_g32"),
     _builtin("int8", "every matrix int8 g32 (= GGUF Q8_0), embeddings and lm_head included; router, b/a, norms "
              "as stored", experts="int8_g32", **{c: "int8_g32" for c in _REST}),
+    *(_builtin(mix, f"llama.cpp's {mix.upper()} type per tensor (its own rules for qwen3next, quant/llama_mix.py; "
+               f"rows not a multiple of 256 fall back as llama.cpp does), then nextq's calibrated rounding",
+               mix=mix, **{c: default for c in (*_REST, "experts", "deltanet_ba")}) for mix, default in DEFAULT_TYPE.items()),
 )}
 
 
@@ -190,7 +202,7 @@ def get_recipe(spec: str | Path) -> Recipe:
     raise RecipeError(f"recipe: unknown {str(spec)!r}; built-ins: {', '.join(RECIPES)} (or a .toml file)")
 
 
-FILE_KEYS = ("name", "base", "description", "schemes", "overrides")
+FILE_KEYS = ("name", "base", "description", "schemes", "overrides", "mix")
 
 
 def recipe_from_dict(doc: Mapping[str, Any], default_name: str, where: str) -> Recipe:
@@ -208,6 +220,8 @@ def recipe_from_dict(doc: Mapping[str, Any], default_name: str, where: str) -> R
     bad = sorted(set(schemes) - set(TENSOR_CLASSES))
     if bad:
         raise RecipeError(f"{where}: [schemes] unknown tensor class {bad}; known: {', '.join(TENSOR_CLASSES)}")
+    if not isinstance(doc.get("overrides", []), list):
+        raise RecipeError(f"{where}: field overrides must be an array of tables {{pattern, scheme}}")
     overrides = []
     for i, o in enumerate(doc.get("overrides", [])):
         if not isinstance(o, Mapping) or set(o) != {"pattern", "scheme"}:
@@ -217,19 +231,25 @@ def recipe_from_dict(doc: Mapping[str, Any], default_name: str, where: str) -> R
         except RecipeError as e:
             raise RecipeError(f"{where}: overrides[{i}]: {e}") from None
     try:
+        mix = str(doc.get("mix", RECIPES[base].mix if base else ""))
         return Recipe(name=str(doc.get("name", default_name)), description=str(doc.get("description", "")),
-                      overrides=tuple(overrides), **{**start, **{k: str(v) for k, v in schemes.items()}})
+                      overrides=tuple(overrides), mix=mix, **{**start, **{k: str(v) for k, v in schemes.items()}})
     except RecipeError as e:
         raise RecipeError(f"{where}: {e}") from None
+
+
+MAX_RECIPE_BYTES = 1 << 20
 
 
 def load_recipe_file(path: Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(read_text(path, MAX_RECIPE_BYTES))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: invalid TOML ({e})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: invalid TOML (nested too deeply)") from None
     return recipe_from_dict(doc, path.stem, str(path))
 
 
@@ -267,28 +287,41 @@ class PlanEntry:
     origin: str  # the recipe field or override that decided it
 
 
-@functools.lru_cache(maxsize=None)
-def _group_size(scheme: str) -> int | None:
-    m = re.search(r"_g(\d+)$", scheme)
-    return int(m.group(1)) if m else None
+def fit_scheme(scheme: str, k: int) -> tuple[str, list[str]]:
+    """The scheme a row of length k gets: `scheme` itself when k is a multiple of its block, else its fallback
+    chain as llama.cpp's (q4_k -> q5_0, q5_k -> q5_1, q6_k -> int8_g32, a 32-block type -> f16 when even that
+    does not fit); returns (scheme, the fallbacks taken, each stated). Schemes without a fallback are returned as
+    they are (plan_schemes refuses them)."""
+    taken = []
+    while k % SCHEMES[scheme].k_multiple and SCHEMES[scheme].fallback:
+        nxt = SCHEMES[scheme].fallback
+        taken.append(f"{scheme} -> {nxt} (K={k} is not a multiple of {SCHEMES[scheme].k_multiple})")
+        scheme = nxt
+    return scheme, taken
 
 
 def plan_schemes(recipe: Recipe, c: ModelConfig, shapes: Mapping[str, tuple[int, ...]] | None = None
                  ) -> dict[str, PlanEntry]:
-    """Scheme of every tensor. Refuses (one error listing them) quantized schemes on 1-D tensors and group
-    schemes whose group size does not divide K."""
+    """Scheme of every tensor. K-quants on rows that are not a multiple of 256 fall back as llama.cpp does (stated
+    in the entry's origin). Refuses (one error listing them) quantized schemes on 1-D tensors and group schemes
+    whose group size does not divide K."""
     shapes = shapes or {k: v.shape for k, v in expected_tensors(c).items()}
     plan: dict[str, PlanEntry] = {}
     problems: list[str] = []
+    mixed = llama_mix(recipe.mix, c) if recipe.mix else None
     for name, cls in tensor_classes(c).items():
-        scheme, origin = recipe.scheme_for(name, cls)
+        scheme, origin = recipe.scheme_for(name, cls, mixed)
         shape = tuple(shapes[name])
         if scheme != KEEP and scheme not in FLOAT_DTYPES:
-            g = _group_size(scheme)
             if len(shape) != 2:
                 problems.append(f"{name} ({origin}): {scheme} needs a 2-D weight, got shape {list(shape)}")
-            elif g and shape[1] % g:
-                problems.append(f"{name} ({origin}): {scheme} needs K to be a multiple of {g}, got K={shape[1]}")
+            else:
+                scheme, taken = fit_scheme(scheme, shape[1])
+                if taken:
+                    origin = f"{origin}; fallback {', '.join(taken)}"
+                g = SCHEMES[scheme].k_multiple
+                if shape[1] % g:
+                    problems.append(f"{name} ({origin}): {scheme} needs K to be a multiple of {g}, got K={shape[1]}")
         plan[name] = PlanEntry(cls, scheme, origin)
     if problems:
         more = f" ... (+{len(problems) - 4} more)" if len(problems) > 4 else ""

@@ -171,6 +171,20 @@ def validate_doc(doc: Any, schema: dict[str, Any] = REPORT_SCHEMA, where: str = 
     return errors
 
 
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A report file (untrusted: bounded JSON, then REPORT_SCHEMA); errors name the file and the fields."""
+    from nextq.untrusted import need, read_json
+
+    doc = read_json(path)
+    need(doc.get("format") == REPORT_FORMAT, str(path), f"format {doc.get('format')!r:.40}, expected "
+                                                        f"{REPORT_FORMAT!r} (a `nextq validate --report` file)")
+    problems = validate_doc(doc)
+    need(not problems, str(path), f"not a valid validation report: {'; '.join(problems[:3])}")
+    for side in ("candidate", "reference"):
+        need("\0" not in doc[side]["path"], f"{path}: {side}.path", "contains a NUL byte")
+    return doc
+
+
 # ---- building and writing ---------------------------------------------------------------------------------------
 
 
