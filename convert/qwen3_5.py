@@ -26,6 +26,7 @@ from nextq.storage import StoredTensor
 
 from .family import (COMMON_DROPPED, COMMON_LAYER_MAP, Family, copy_fields, read_layer_types, refuse_fields,
                      register_family)
+from .hf_rope import read_rope
 
 COMMON_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -43,10 +44,7 @@ REFUSED = {
     "decoder_sparse_step": lambda v: v not in (None, 1),  # config that sets them means something else
     "norm_topk_prob": lambda v: v is False,  # Qwen3.5's router always renormalises
 }
-REFUSED_ROPE = {
-    "rope_type": lambda v: v != "default",
-    "mrope_interleaved": lambda v: v is False,  # transformers always interleaves; a config saying otherwise lies
-}
+REFUSED_ROPE = {"mrope_interleaved": lambda v: v is False}  # transformers always interleaves
 
 
 def text_config(hf: Mapping) -> dict:
@@ -59,14 +57,16 @@ def text_config(hf: Mapping) -> dict:
 def _read_config(hf: Mapping, moe: bool) -> ModelConfig:
     text = text_config(hf)
     refuse_fields(text, REFUSED, "config (text_config)" if "text_config" in hf else "config")
-    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    rope = dict(text.get("rope_parameters") or {})
     refuse_fields(rope, REFUSED_ROPE, "config: rope_parameters")
+    rope_theta, partial_rotary_factor, rope_scaling = read_rope(text)  # YaRN as for every family
     ffn = dict(norm_topk_prob=True) if moe else dict(num_experts=0, num_experts_per_tok=0)
     kw = copy_fields(text, COMMON_FIELDS + (MOE_FIELDS if moe else DENSE_FIELDS))
     return ModelConfig(
         layer_types=read_layer_types(text),
-        rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
-        partial_rotary_factor=float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
+        rope_theta=rope_theta,
+        partial_rotary_factor=partial_rotary_factor,
+        rope_scaling=rope_scaling,
         mrope_section=tuple(rope.get("mrope_section") or ()),
         **{**ffn, **kw},
     )

@@ -65,13 +65,14 @@ def fuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build(out: Path, kind: str, *, fused: bool = False, seed: int = 0) -> Path:
-    """A tiny random Qwen3.5 checkpoint (see the module docstring) with the fixture tokenizer."""
+def build(out: Path, kind: str, *, fused: bool = False, seed: int = 0, **text) -> Path:
+    """A tiny random Qwen3.5 checkpoint (see the module docstring) with the fixture tokenizer; `text` overrides
+    text_config fields."""
     from safetensors.torch import load_file, save_file
 
     config_cls, model_cls = _classes(kind)
     torch.manual_seed(seed)
-    cfg = config_cls(text_config={**TEXT, **(MOE if kind == "moe" else DENSE)}, vision_config=VISION)
+    cfg = config_cls(text_config={**TEXT, **(MOE if kind == "moe" else DENSE), **text}, vision_config=VISION)
     model = model_cls(cfg)
     with torch.no_grad():  # conftest.build_checkpoint's re-draw: every path contributes visibly to the logits
         for name, p in model.named_parameters():
@@ -145,6 +146,21 @@ def test_matches_transformers(models, kind):
     assert np.abs(m.logits(IDS.numpy()) - ref).max() / scale <= 1e-5
     # prefill + decode (recurrent delta rule, caches) vs the whole-sequence reference
     assert np.abs(stepwise(m, IDS[0].numpy()) - ref[0]).max() / scale <= 1e-4
+
+
+def test_yarn_with_mrope_matches_transformers(tmp_path):
+    """YaRN (read by the shared rope reader) on top of M-RoPE: transformers scales the recomposed frequencies the
+    same way, so positions past the original context agree too."""
+    import nextq
+    from nextq.convert.cli import convert
+
+    rope = {**TEXT["rope_parameters"], "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+    ck = build(tmp_path / "hf", "dense", rope_parameters=rope)
+    g = convert(str(ck), tmp_path / "ir")
+    assert g.config.rope_scaling is not None and g.config.mrope_section == (2, 1, 1)
+    ref, _ = reference(ck, "dense")
+    # IDS has 23 positions, past the original 8: float32 summation order only
+    assert np.abs(nextq.load(tmp_path / "ir").logits(IDS.numpy()) - ref).max() / np.abs(ref).max() <= 1e-5
 
 
 def _tensors(ir: Path) -> dict[str, torch.Tensor]:
