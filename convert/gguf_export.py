@@ -7,7 +7,8 @@ and a weight computed in row blocks (the direct path's embeddings and LM head) b
 come from `gguf_names`; this module decides types, encodes data and writes.
 
 Types. `--type` applies to dense (float) weights: `auto` keeps each weight's IR dtype (f32/f16/bf16), or pick
-f32|f16|bf16|q8_0|q4_0|q4_1. Quantized IR weights map onto the GGUF type with the same math, copied bit for bit:
+f32|f16|bf16|q8_0|q6_k|q5_1|q5_k|q5_0|q4_1|q4_k|q4_0. Quantized IR weights map onto the GGUF type with the same math
+(the scheme registry's `gguf`), copied bit for bit (K-quants and Q5_0/Q5_1 are stored as GGUF blocks in the IR):
     int4_sym_g32 -> Q4_0    int4_asym_g32 -> Q4_1    int8_g32 -> Q8_0    (f32/f16/bf16 pass-through -> same)
 Other schemes are re-quantized to the nearest GGUF type (int4 g64/g128 -> Q4_0/Q4_1, int8_channel -> Q8_0) with a
 printed warning giving the measured extra error; fp8 has no GGUF type and is refused unless `--requantize q8_0`
@@ -33,26 +34,26 @@ from nextq.console import console, progress_iter
 from nextq.errors import CheckpointError, UnsupportedModelError
 from nextq.graph import Graph, atomic_output
 
+from nextq.quant.schemes import SCHEMES
+
 from . import gguf_names as names
 
-GGML_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
-# GGUF type of a quantized IR scheme with identical math (copied without re-quantizing)
-NATIVE = {"int4_sym_g32": "q4_0", "int4_asym_g32": "q4_1", "int8_g32": "q8_0", "f32": "f32", "f16": "f16",
-          "bf16": "bf16"}
-# nearest GGUF type for schemes without an identical one (re-quantized, with a warning)
-NEAREST = {"int4_sym_g64": "q4_0", "int4_sym_g128": "q4_0", "int4_asym_g64": "q4_1", "int4_asym_g128": "q4_1",
-           "int8_channel": "q8_0"}
-NO_GGUF_TYPE = ("fp8_channel", "fp8_block128")
+GGML_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
+# the scheme registry says which GGUF type has a scheme's math (blocks copied without re-quantizing) and which
+# nearest type the others are re-quantized to (with a warning); fp8 has neither
+NATIVE = {name: s.gguf for name, s in SCHEMES.items() if s.gguf}
+NEAREST = {name: s.gguf_nearest for name, s in SCHEMES.items() if not s.gguf and s.gguf_nearest}
 # most precise first: a GGUF tensor built from sources of different types takes the most precise one
-PRECISION = ("f32", "f16", "bf16", "q8_0", "q4_1", "q4_0")
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}  # llama_ftype
+PRECISION = GGML_TYPES
+# llama_ftype of a file whose largest weights are of that type (K-quants: the _M mixes llama.cpp names them by)
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 15, "q5_k": 17,
+              "q6_k": 18, "bf16": 32}
 QWEN2_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                       r"\s*[\r\n]+|\s+(?!\S)|\s+")
 # Qwen3.5's split: letters include combining marks (llama.cpp LLAMA_VOCAB_PRE_TYPE_QWEN35, src/llama-vocab.cpp)
 QWEN35_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"
                        r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRETOKENIZERS = {"qwen2": QWEN2_PRETOKENIZER, "qwen35": QWEN35_PRETOKENIZER}  # llama.cpp name -> split regex
-QUANT_BLOCK = 32  # Q8_0 / Q4_0 / Q4_1 block length along K
 
 
 def ggml_type(t: str):
@@ -73,10 +74,9 @@ def encode_float(x: torch.Tensor, t: str) -> np.ndarray:
         return x.to(torch.float16).contiguous().numpy()
     if t == "bf16":  # round to nearest even, as ggml_fp32_to_bf16
         return x.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
-    scheme, blocks = {"q8_0": ("int8_g32", to_gguf_q8_0_blocks), "q4_0": ("int4_sym_g32", to_gguf_q4_0_blocks),
-                      "q4_1": ("int4_asym_g32", to_gguf_q4_1_blocks)}[t]
+    scheme = next(name for name, s in NATIVE.items() if s == t)
     rows = x.reshape(-1, x.shape[-1])
-    return blocks(quantize(rows, scheme)).reshape(*x.shape[:-1], -1)
+    return encode_native(quantize(rows, scheme), t).reshape(*x.shape[:-1], -1)
 
 
 def encode_native(qt: Any, t: str) -> np.ndarray:
@@ -85,6 +85,8 @@ def encode_native(qt: Any, t: str) -> np.ndarray:
 
     if t in ("f32", "f16", "bf16"):
         return encode_float(qt.data, t)  # pass-through schemes hold the weight in that dtype already
+    if SCHEMES[qt.scheme].data_shape is not None:  # K-quants, Q5_0/Q5_1: the IR holds the GGUF blocks
+        return qt.data.numpy()
     return {"q8_0": to_gguf_q8_0_blocks, "q4_0": to_gguf_q4_0_blocks, "q4_1": to_gguf_q4_1_blocks}[t](qt)
 
 
@@ -101,7 +103,7 @@ def decode(data: np.ndarray, t: str) -> np.ndarray:
 class GGUFOptions:
     """Export options (the click flags, one to one)."""
 
-    type: str = "auto"  # dense weights: auto | f32 | f16 | bf16 | q8_0 | q4_0 | q4_1
+    type: str = "auto"  # dense weights: auto or one of GGML_TYPES
     requantize: str | None = None  # force quantized IR weights to this GGUF type (measured error printed)
 
     def __post_init__(self):
@@ -136,9 +138,9 @@ def source_type(name: str, kind: tuple[str, str], opts: GGUFOptions) -> str:
         return opts.requantize
     if x in NEAREST:
         return NEAREST[x]
-    if x in NO_GGUF_TYPE:
+    if x in SCHEMES:
         raise UnsupportedModelError(
-            f"{name}: scheme {x} is fp8, and GGUF has no fp8 type; re-export with --requantize q8_0 "
+            f"{name}: scheme {x}: {SCHEMES[x].why_not('gguf')}; re-export with --requantize q8_0 "
             "(8.5 bits/weight, the extra error is measured and printed) or --requantize bf16 (16 bits/weight)")
     raise UnsupportedModelError(f"{name}: quantization scheme {x!r} has no GGUF mapping; supported: "
                                 f"{sorted(NATIVE) + sorted(NEAREST)}")
@@ -150,11 +152,19 @@ def choose_type(pt: names.PlannedTensor, graph: Graph, opts: GGUFOptions, k: int
     wanted = {source_type(s, describe(graph.tensors[s]), opts) for s in pt.sources}
     t = min(wanted, key=PRECISION.index)
     unit = k if pt.rule.col_group is None else math.gcd(k, pt.rule.col_group(graph.config))
-    if t.startswith("q") and unit % QUANT_BLOCK:  # as llama.cpp's converter: rows that do not fill blocks -> F16
+    block = quant_block(t)
+    if unit % block:  # as llama.cpp's converter: rows that do not fill blocks -> F16
         console.print(f"[yellow]warning:[/] {pt.name}: row length {k} (column groups of {unit}) is not a multiple "
-                      f"of {QUANT_BLOCK}; writing F16 instead of {t.upper()}", soft_wrap=True)
+                      f"of {block}; writing F16 instead of {t.upper()}", soft_wrap=True)
         return "f16"
     return t
+
+
+def quant_block(t: str) -> int:
+    """Elements per block along a row of GGUF type t (1 for float types)."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[ggml_type(t)][0]
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------
@@ -166,8 +176,13 @@ def check_representable(graph: Graph) -> None:
 
 
 def layer_kinds(graph: Graph) -> list[tuple[str, str, str]]:
+    return layer_kinds_of(graph.blocks)
+
+
+def layer_kinds_of(blocks) -> list[tuple[str, str, str]]:
+    """(canonical prefix, mixer kind, ffn kind) of every GGUF block of a model's blocks (MTP layers last)."""
     out = []
-    for b in graph.blocks:
+    for b in blocks:
         if b.kind == "Layer":
             out.append((b.prefix, b.mixer.kind, b.ffn.kind))
         elif b.kind == "MTP":

@@ -1,7 +1,12 @@
-"""Scheme registry: name -> (quantize, dequantize, nominal bits per weight), plus the two entry points.
+"""Scheme registry: each scheme is one structured object (bits, symmetry, block layout, what every target does
+with it, its quantize / dequantize functions), plus the two entry points.
 
     quantize(w [N, K], "int4_sym_g32") -> QuantizedTensor
     dequantize(qt)                     -> float32 [N, K]
+
+Every other module asks the registry instead of parsing names: recipes (`k_multiple`, `fallback`), the calibrated
+quantizers (`calibratable`, `family`), the GGUF exporter (`gguf`, `gguf_nearest`), the ONNX exporter (`onnx`),
+the GPU backend (`gpu`) and `nextq recipes --targets` (all of them, with the reasons a cell is empty).
 """
 
 from __future__ import annotations
@@ -15,19 +20,64 @@ import torch
 from .fp8 import dequantize_fp8_block128, dequantize_fp8_channel, quantize_fp8_block128, quantize_fp8_channel
 from .int4 import GROUP_SIZES, dequantize_int4_asym, dequantize_int4_sym, quantize_int4_asym, quantize_int4_sym
 from .int8 import dequantize_int8_channel, dequantize_q8_0, quantize_int8_channel, quantize_q8_0
+from .gguf_blocks import GGUF_BLOCK_TYPES
+from .kquants import KQUANTS, QK_K
 from .tensor import QuantizedTensor, as_float32_matrix, join_rows
 
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+LAYOUTS = ("none", "row", "group", "tile", "superblock")  # no scale / one per row / per g along K / 2-D tiles /
+# two-level: super-blocks of 256 along K holding sub-block scales quantized against one fp16 scale
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """One registry entry. `bits_per_weight` is nominal: per-row schemes add 32/K bits for their float32 scale."""
+    """One registry entry.
+
+    bits:           bits per code (16/32 for float pass-through)
+    symmetric:      no zero point / min (value = q * scale) vs value = q * scale + offset
+    layout, block:  see LAYOUTS; block = elements per scale along K (group / super-block), a (rows, cols) tile,
+                    or None (per row, or no scale)
+    bits_per_weight nominal, scales included (per-row schemes add 32/K bits for their float32 scale, not counted)
+    k_multiple:     a weight's K must be a multiple of this (1 = any K)
+    family:         "int4", "int8", "fp8", "float", "kquant": which data-aware grid applies (quant/gptq.py)
+    calibratable:   GPTQ / weighted search (quant/gptq.py) can produce this scheme's exact format
+    gguf:           GGUF type with the same math, blocks copied without re-quantizing (None: none)
+    gguf_nearest:   GGUF type it is re-quantized to otherwise (a printed, measured warning); None: refused
+    onnx:           how convert/onnx_export.py emits it (an op name), or None
+    gpu:            runtime/gpu.py expert packer, or None
+    fallback:       llama.cpp's replacement when K is not a multiple of k_multiple (llama-quant.cpp), or None
+    no_target:      target -> why that cell is impossible (for `nextq recipes --targets`)
+    """
 
     name: str
     quantize: Callable[[torch.Tensor], QuantizedTensor]
     dequantize: Callable[[QuantizedTensor], torch.Tensor]
     bits_per_weight: float
+    bits: int
+    symmetric: bool
+    layout: str
+    block: int | tuple[int, int] | None
+    family: str
+    k_multiple: int = 1
+    calibratable: bool = False
+    gguf: str | None = None
+    gguf_nearest: str | None = None
+    onnx: str | None = None
+    gpu: str | None = None
+    fallback: str | None = None
+    data_shape: Callable[[int, int], tuple[int, int]] | None = None  # stored codes' shape when not [N, K(/2)]
+    no_target: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        assert self.layout in LAYOUTS, self.layout
+
+    def target(self, target: str) -> str | None:
+        """What target `target` ("gguf", "onnx", "gpu") does with this scheme, None when it cannot."""
+        return {"gguf": self.gguf or (self.gguf_nearest and f"{self.gguf_nearest} (re-quantized)"),
+                "onnx": self.onnx, "gpu": self.gpu}[target]
+
+    def why_not(self, target: str) -> str:
+        return dict(self.no_target).get(target, "not supported")
 
 
 def quantize_float(w: torch.Tensor, scheme: str) -> QuantizedTensor:
@@ -44,20 +94,47 @@ def dequantize_float(qt: QuantizedTensor) -> torch.Tensor:
     return qt.data.to(torch.float32)
 
 
+NO_FP8_GGUF = (("gguf", "GGUF has no fp8 type (export with --requantize q8_0 or bf16)"),)
+NO_KQ_GPU = (("gpu", "no K-quant GEMM kernel: the GPU backend runs int4_sym, fp8 and float experts"),)
+
+
 def _build() -> dict[str, Scheme]:
     entries = []
     for g in GROUP_SIZES:
         sym, asym = partial(quantize_int4_sym, group_size=g), partial(quantize_int4_asym, group_size=g)
-        entries.append(Scheme(f"int4_sym_g{g}", sym, dequantize_int4_sym, 4 + 16 / g))  # + fp16 d per group
-        entries.append(Scheme(f"int4_asym_g{g}", asym, dequantize_int4_asym, 4 + 32 / g))  # + fp16 d and m
+        q4 = dict(bits=4, layout="group", block=g, family="int4", k_multiple=g, calibratable=True)
+        entries.append(Scheme(f"int4_sym_g{g}", sym, dequantize_int4_sym, 4 + 16 / g, symmetric=True,  # + fp16 d
+                              gguf="q4_0" if g == 32 else None, gguf_nearest="q4_0", onnx="MatMulNBits",
+                              gpu="int4_sym", **q4))
+        entries.append(Scheme(f"int4_asym_g{g}", asym, dequantize_int4_asym, 4 + 32 / g, symmetric=False,  # d and m
+                              gguf="q4_1" if g == 32 else None, gguf_nearest="q4_1",
+                              no_target=(("gpu", "the int4 GPU kernels take symmetric codes (no zero points)"),
+                                         ("onnx", "QMoE takes symmetric int4 experts; not exported")),
+                              **q4))
     entries += [
-        Scheme("int8_channel", quantize_int8_channel, dequantize_int8_channel, 8.0),
-        Scheme("int8_g32", quantize_q8_0, dequantize_q8_0, 8 + 16 / 32),
-        Scheme("fp8_channel", quantize_fp8_channel, dequantize_fp8_channel, 8.0),
-        Scheme("fp8_block128", quantize_fp8_block128, dequantize_fp8_block128, 8 + 32 / (128 * 128)),
+        Scheme("int8_channel", quantize_int8_channel, dequantize_int8_channel, 8.0, 8, True, "row", None, "int8",
+               gguf_nearest="q8_0", onnx="MatMulNBits", no_target=(("gpu", "no int8 GPU kernel"),)),
+        Scheme("int8_g32", quantize_q8_0, dequantize_q8_0, 8 + 16 / 32, 8, True, "group", 32, "int8", k_multiple=32,
+               gguf="q8_0", onnx="MatMulNBits", fallback="f16", no_target=(("gpu", "no int8 GPU kernel"),)),
+        Scheme("fp8_channel", quantize_fp8_channel, dequantize_fp8_channel, 8.0, 8, True, "row", None, "fp8",
+               onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
+        Scheme("fp8_block128", quantize_fp8_block128, dequantize_fp8_block128, 8 + 32 / (128 * 128), 8, True,
+               "tile", (128, 128), "fp8", onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
     ]
+    fallbacks = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "int8_g32"}  # llama-quant.cpp, ncols % 256 != 0
+    for kq in KQUANTS.values():
+        entries.append(Scheme(kq.name, kq.quantize, kq.dequantize, kq.bits_per_weight, int(kq.qmax).bit_length(),
+                              not kq.asymmetric, "superblock", QK_K, "kquant", k_multiple=QK_K, calibratable=True,
+                              gguf=kq.name, onnx="MatMulNBits", fallback=fallbacks[kq.name],
+                              data_shape=kq.data_shape, no_target=NO_KQ_GPU))
+    for bt in GGUF_BLOCK_TYPES.values():
+        entries.append(Scheme(bt.name, bt.quantize, bt.dequantize, bt.bits_per_weight, 5, bt.name == "q5_0", "group",
+                              32, "gguf", k_multiple=32, gguf=bt.name, fallback="f16", data_shape=bt.data_shape,
+                              no_target=(("onnx", "ONNX Runtime has no 5-bit MatMulNBits"),
+                                         ("gpu", "no 5-bit GPU kernel"))))
     for s, dtype in FLOAT_DTYPES.items():
-        entries.append(Scheme(s, partial(quantize_float, scheme=s), dequantize_float, 8.0 * dtype.itemsize))
+        entries.append(Scheme(s, partial(quantize_float, scheme=s), dequantize_float, 8.0 * dtype.itemsize,
+                              8 * dtype.itemsize, True, "none", None, "float", gguf=s, onnx="float", gpu="float"))
     return {e.name: e for e in entries}
 
 

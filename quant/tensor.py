@@ -88,10 +88,11 @@ class QuantizedTensor:
         scheme:       registry key, e.g. "int4_sym_g32" (see `schemes.SCHEMES`).
         shape:        logical (N, K) of the float weight.
         data:         the codes. int4: uint8 `[N, K/2]` packed two per byte; int8: int8 `[N, K]`;
-                      fp8: float8_e4m3fn `[N, K]`; float pass-through: the weight itself `[N, K]`.
+                      fp8: float8_e4m3fn `[N, K]`; float pass-through: the weight itself `[N, K]`;
+                      K-quants (q4_k, q5_k, q6_k): the GGUF blocks, uint8 `[N, K/256 * block bytes]`.
         scales:       int4 / int8_g32: float16 `[N, K/g]`; per-channel: float32 `[N, 1]`;
                       fp8_block128: float32 `[ceil(N/128), ceil(K/128)]` (Qwen's `weight_scale_inv`);
-                      None for float pass-through.
+                      None for float pass-through and K-quants (their scales are inside the blocks).
         zero_points:  asymmetric int4 only: the per-group minimum `m`, float16 `[N, K/g]`
                       (dequant = q * d + m, as ggml block_q4_1). None otherwise.
         block_size:   int g = groups of g consecutive k within a row; (bn, bk) = 2-D tiles;
@@ -115,8 +116,14 @@ class QuantizedTensor:
             raise ValueError(
                 f"{self.scheme}: nibble_order must be one of {NIBBLE_ORDERS} or None, got {self.nibble_order!r}"
             )
+        from .schemes import SCHEMES  # local import: schemes imports this module
+
         n, k = self.shape
-        expected = (n, k // 2) if self.nibble_order else (n, k)
+        scheme = SCHEMES.get(self.scheme)
+        if scheme is not None and scheme.data_shape is not None:  # block-encoded (K-quants: GGUF blocks per row)
+            expected = scheme.data_shape(n, k)
+        else:
+            expected = (n, k // 2) if self.nibble_order else (n, k)
         if tuple(self.data.shape) != expected:
             raise ValueError(f"{self.scheme}: data shape expected {expected}, got {tuple(self.data.shape)}")
 

@@ -1,0 +1,57 @@
+"""ggml's 5-bit block types Q5_0 / Q5_1 (blocks of 32 along K), quantized and dequantized by gguf-py.
+
+They exist in nextq for one reason: llama.cpp replaces Q4_K by Q5_0 and Q5_K by Q5_1 on rows whose length is not a
+multiple of 256 (llama-quant.cpp), and a K-quant recipe on such a model must produce the same file. gguf-py's
+`quants.quantize` implements ggml's reference quantizer for these types (quantize_row_q5_{0,1}_ref), so the
+QuantizedTensor holds the GGUF blocks (uint8 `[N, K/32 * block bytes]`) as the K-quants do.
+
+    Q5_0  22 bytes / 32: fp16 d, qh[4] (fifth bits), qs[16]; value = d * (q - 16), q 0..31
+    Q5_1  24 bytes / 32: fp16 d, fp16 m, qh[4], qs[16];      value = d * q + m
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tensor import QuantizedTensor, as_float32_matrix, check_group
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class GGUFBlockType:
+    name: str  # "q5_0"
+    block_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.block_bytes * 8 / BLOCK
+
+    def _type(self):
+        import gguf
+
+        return gguf.GGMLQuantizationType[self.name.upper()]
+
+    def quantize(self, w: torch.Tensor) -> QuantizedTensor:
+        """w `[N, K]` -> GGUF blocks `[N, K/32 * block_bytes]` (gguf-py = ggml's reference quantizer)."""
+        from gguf.quants import quantize
+
+        w = as_float32_matrix(w)
+        n, k = w.shape
+        check_group(k, BLOCK, self.name)
+        data = torch.from_numpy(quantize(w.numpy(), self._type()).reshape(n, -1))
+        return QuantizedTensor(scheme=self.name, shape=(n, k), data=data, scales=None, block_size=BLOCK)
+
+    def dequantize(self, qt: QuantizedTensor) -> torch.Tensor:
+        """Float32 `[N, K]` (gguf.quants.dequantize)."""
+        from gguf.quants import dequantize
+
+        return torch.from_numpy(dequantize(qt.data.numpy(), self._type()).astype("float32")).reshape(qt.shape)
+
+    def data_shape(self, n: int, k: int) -> tuple[int, int]:
+        return n, k // BLOCK * self.block_bytes
+
+
+GGUF_BLOCK_TYPES: dict[str, GGUFBlockType] = {t.name: t for t in (GGUFBlockType("q5_0", 22), GGUFBlockType("q5_1", 24))}
