@@ -40,10 +40,14 @@ def read_source(source: str, revision: str | None = None, rope_scaling: str | No
 def convert(source: str, output: Path, revision: str | None = None, dtype: str = "auto", force: bool = False,
             rope_scaling: str | None = None):
     """Read `source` lazily and write the IR directory tensor by tensor; returns the graph."""
+    from .fp8_source import dequantized_view
+
     graph = read_source(source, revision, rope_scaling)
     target = DTYPES[dtype]
     cast = None
-    if target is not None:
+    if target is not None:  # an FP8 checkpoint's weights: exactly dequantized (float32), then cast
+        graph.tensors = dequantized_view(graph.tensors)
+
         def cast(name, t):
             return t.to(target) if t.is_floating_point() else t
     graph.save(output, force=force, cast=cast, progress=lambda xs: progress_iter(xs, "converting"))
@@ -111,7 +115,8 @@ def convert_direct(source: str, output: Path, recipe: str, to: str = "gguf", rev
 @click.option("--workers", default=2, show_default=True, help="Quantization threads (direct path).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
-              help="Store weights in this dtype; auto keeps the checkpoint's (plain --to ir only).")
+              help="Store weights in this dtype; auto keeps the checkpoint's, FP8 weights included (plain --to ir "
+                   "only; an FP8 checkpoint is dequantized exactly, then cast).")
 @click.option("--rope-scaling", "rope_scaling", metavar="yarn:FACTOR[:ORIGINAL]|JSON|default",
               help="Replace the config's RoPE scaling: YaRN with FACTOR over ORIGINAL positions (default: the "
                    "config's max_position_embeddings), a JSON rope dict as in config.json, or default (plain RoPE).")

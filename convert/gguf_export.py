@@ -32,7 +32,8 @@ import torch
 
 from nextq.console import console, progress_iter
 from nextq.errors import CheckpointError, UnsupportedModelError
-from nextq.graph import Graph, atomic_output
+from nextq.graph import Graph, ModelConfig, RopeScaling, atomic_output
+from nextq.runtime.rope import YARN_BETA_FAST, YARN_BETA_SLOW, yarn_attention_factor, yarn_mscale
 
 from nextq.quant.schemes import SCHEMES
 
@@ -283,6 +284,47 @@ def tensor_data(graph: Graph, e: Entry, requant: Requant) -> np.ndarray:
 
 # ---- metadata & tokenizer ------------------------------------------------------------------------------------
 
+# RoPE scaling keys (`{arch}.rope.scaling.*`) as llama.cpp's converter writes them (TextModel.set_gguf_parameters):
+# RopeScaling field -> (key, kind); optional fields only when the source config set them, as the converter does.
+ROPE_SCALING_TYPE_KEY = "rope.scaling.type"
+ROPE_SCALING_KEYS = {
+    "factor": ("rope.scaling.factor", names.F32),
+    "original_max_position_embeddings": ("rope.scaling.original_context_length", names.U32),
+    "attention_factor": ("rope.scaling.yarn_attn_factor", names.F32),
+    "beta_fast": ("rope.scaling.yarn_beta_fast", names.F32),
+    "beta_slow": ("rope.scaling.yarn_beta_slow", names.F32),
+}
+
+
+def llama_cpp_rope_losses(s: RopeScaling) -> list[str]:
+    """What llama.cpp's qwen3next / qwen35 loaders drop of a YaRN setting: they read only the type, factor and
+    original context (llama_model_qwen3next::load_arch_hparams reads no yarn_* key), so betas stay 32 / 1, the
+    attention factor is 0.1 ln(factor) + 1 and the correction range is always truncated."""
+    defaults = {"beta_fast": YARN_BETA_FAST, "beta_slow": YARN_BETA_SLOW}
+    lost = [f"{f}={getattr(s, f)} (runs {d:g})" for f, d in defaults.items() if getattr(s, f) not in (None, 0, d)]
+    ours, theirs = yarn_attention_factor(s), yarn_mscale(s.factor)
+    if abs(ours - theirs) > 1e-7 * theirs:
+        lost.append(f"attention factor {ours:.7g} from attention_factor / mscale / mscale_all_dim (runs {theirs:.7g})")
+    if not s.truncate:
+        lost.append("truncate=false (runs a truncated correction range)")
+    return lost
+
+
+def write_rope_scaling(w, c: ModelConfig, arch: str) -> None:
+    """The YaRN keys of `c.rope_scaling` (none for plain RoPE), and a warning naming what llama.cpp will drop."""
+    s = c.rope_scaling
+    if s is None:
+        return
+    w.add_string(f"{arch}.{ROPE_SCALING_TYPE_KEY}", s.rope_type)
+    for f, (key, kind) in ROPE_SCALING_KEYS.items():
+        if (v := getattr(s, f)) is not None:
+            (w.add_uint32 if kind == names.U32 else w.add_float32)(f"{arch}.{key}", v)
+    if lost := llama_cpp_rope_losses(s):
+        console.print(f"[yellow]warning:[/] llama.cpp's {arch} ignores part of this YaRN setting: "
+                      f"{'; '.join(lost)}; its logits will differ from transformers' past the original context",
+                      soft_wrap=True)
+
+
 def write_metadata(w, graph: Graph, entries: list[Entry], name: str) -> None:
     import gguf
 
@@ -307,6 +349,7 @@ def write_metadata(w, graph: Graph, entries: list[Entry], name: str) -> None:
     for e in entries:
         if not e.pt.rule.force_f32 and len(e.shape) >= 2:
             weights[e.type] += int(np.prod(e.shape))
+    write_rope_scaling(w, c, arch.name)
     w.add_file_type(FILE_TYPES[max(weights, key=weights.get)] if weights else 0)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -314,6 +357,14 @@ def write_metadata(w, graph: Graph, entries: list[Entry], name: str) -> None:
 def looks_special(token: str) -> bool:
     """llama.cpp's converter marks `<|...|>` added tokens as control tokens even when not flagged special."""
     return token.startswith("<|") and token.endswith("|>")
+
+
+def byte_level_post_processor(tj: dict) -> bool:
+    """Whether tokenizer.json's post-processor is ByteLevel alone (Qwen's tokenizers), or a sequence of processors
+    with a ByteLevel one and none that adds special tokens."""
+    pp = tj.get("post_processor") or {}
+    kinds = {p.get("type") for p in pp.get("processors", [pp])}
+    return "ByteLevel" in kinds and not kinds & {"TemplateProcessing", "RobertaProcessing"}
 
 
 def write_tokenizer(w, graph: Graph) -> None:
@@ -353,6 +404,10 @@ def write_tokenizer(w, graph: Graph) -> None:
         tid = tid[0] if isinstance(tid, tuple) else tid  # config.json fallback, as SpecialVocab reads it
         if typ not in special.special_token_ids and tid is not None and 0 <= tid < c.vocab_size:
             special.special_token_ids[typ] = tid
+    if byte_level_post_processor(tj):
+        # llama.cpp's converter (its vendored gguf-py, newer than the gguf package) writes add_bos / add_eos false
+        # for a ByteLevel post-processor whatever tokenizer_config.json says (vocab.py `_try_load_from_tokenizer_json`)
+        special.add_special_token.update(bos=False, eos=False)
     special.add_to_gguf(w, quiet=True)
 
 
@@ -365,7 +420,8 @@ def pieces(graph: Graph, e: Entry, requant: Requant) -> Iterator[np.ndarray] | N
     if rule.pack is names._stack and rule.value is None:
         return (source_data(s, graph.get(s), e.type, requant) for s in e.pt.sources)
     t = graph.tensors[e.pt.sources[0]]
-    if rule.pack is names._same and rule.value is None and not rule.norm and len(getattr(t, "parts", ())) > 1:
+    if (rule.pack is names._same and rule.value is None and not rule.norm and hasattr(t, "row_blocks")
+            and len(t.parts) > 1):  # a PendingTensor computed in row blocks (QuantRef.parts are its stored fields)
         return (source_data(e.pt.sources[0], b, e.type, requant) for b in t.row_blocks())
     return None
 

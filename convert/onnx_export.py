@@ -175,8 +175,8 @@ def make_matmul_nbits(b: Builder, x: str, name: str, w: Any) -> str:
 def _fp8_dequant(b: Builder, name: str, w: Any) -> str:
     """fp8 e4m3fn codes kept in the file, dequantized in the graph to W^T [K, N] float32.
 
-    fp8_channel: per-axis scale [N] on axis 1. fp8_block128: 128x128 tiles become blocks of 128 along K
-    (axis 0) with the tile scale repeated per column, scale [ceil(K/128), N].
+    fp8_channel: per-axis scale [N] on axis 1. fp8_block128 / fp8_g128: 128x128 / 1x128 tiles become blocks of
+    128 along K (axis 0) with the tile scale repeated per column, scale [ceil(K/128), N].
     """
     n, k = w.shape
     q = b.weight(f"{name}.fp8", lambda: w.data.T)  # [K, N]
@@ -202,6 +202,7 @@ LINEAR_FORMATS: dict[str, Callable[[Builder, str, str, Any], str]] = {
     **{f"int4_sym_g{g}": make_matmul_nbits for g in (32, 64, 128)},
     "fp8_channel": make_fp8_matmul,
     "fp8_block128": make_fp8_matmul,
+    "fp8_g128": make_fp8_matmul,
 }
 
 
@@ -455,7 +456,7 @@ def _fp8_experts(b: Builder, p: str) -> tuple[str, str]:
 
 
 EXPERT_WEIGHTS = {**{s: _float_experts for s in FLOAT_SCHEMES}, "fp8_channel": _fp8_experts,
-                  "fp8_block128": _fp8_experts}
+                  "fp8_block128": _fp8_experts, "fp8_g128": _fp8_experts}
 
 
 def make_moe_float(b: Builder, x: str, logits: str, p: str) -> str:

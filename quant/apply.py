@@ -29,6 +29,7 @@ from nextq.errors import CheckpointError, NextqError
 from nextq.graph import Graph, QuantRef, SourceTensor
 
 from . import calibrate
+from .fp8 import SOURCE_SCHEMES, keeps_source
 from .recipes import KEEP, PlanEntry, Recipe, plan_schemes
 from .schemes import FLOAT_DTYPES, quantize, row_block
 from .tensor import QuantizedTensor, join_rows
@@ -159,10 +160,11 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
     """
     if method not in calibrate.QUANTIZERS:
         raise NextqError(f"calibration method: unknown {method!r}; supported: {', '.join(calibrate.QUANTIZERS)}")
-    already = next((n for n, t in graph.tensors.items() if isinstance(t, (QuantRef, QuantizedTensor))), None)
+    already = next((n for n, t in graph.tensors.items() if held_scheme(t) not in (None, *SOURCE_SCHEMES)), None)
     if already is not None:
-        raise CheckpointError(f"{already}: the input IR is already quantized ({graph.get(already).scheme}); "
-                              "quantize from a float IR")
+        raise CheckpointError(f"{already}: the input IR is already quantized ({held_scheme(graph.tensors[already])});"
+                              " quantize from a float IR (or one read from an FP8 checkpoint: "
+                              f"{', '.join(SOURCE_SCHEMES)})")
     shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
     plan = plan_schemes(recipe, graph.config, shapes)
     names = list(graph.tensors)
@@ -201,7 +203,9 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
     pre = Prefetcher(list(jobs), job, workers, window=4 * workers, sizes=sizes, budget=PREFETCH_BYTES)
 
     def planned(n: str) -> tuple[str | None, torch.dtype | None]:
-        s = plan[n].scheme
+        s, held = plan[n].scheme, held_scheme(graph.tensors[n])
+        if held is not None and (s == KEEP or keeps_source(held, s)):
+            return held, None
         if s == KEEP:
             return None, graph.tensors[n].dtype
         return (None, FLOAT_DTYPES[s]) if s in FLOAT_DTYPES else (s, None)
@@ -213,13 +217,25 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
         pre.close()
 
 
+def held_scheme(t: Any) -> str | None:
+    """The scheme a graph tensor is already quantized with (IR reference, loaded, or an FP8 source), else None."""
+    if isinstance(t, QuantRef):
+        return t.meta["scheme"]
+    return getattr(t, "scheme", None) if not isinstance(t, torch.Tensor) else None
+
+
 def _nbytes(t: torch.Tensor | QuantizedTensor) -> int:
     return t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size()
 
 
 def quantize_tensor(name: str, t: torch.Tensor, entry: PlanEntry, stats: calibrate.CalibrationStats | None,
                     method: str, min_tokens: int) -> tuple[torch.Tensor | QuantizedTensor, str, int]:
-    """(stored tensor, method, calibration tokens) for one tensor under its plan entry."""
+    """(stored tensor, method, calibration tokens) for one tensor under its plan entry. An FP8 checkpoint's tensor
+    (`t` quantized) is copied when the plan keeps its scheme, else quantized from its exact dequantization."""
+    if isinstance(t, QuantizedTensor):
+        if entry.scheme == KEEP or keeps_source(t.scheme, entry.scheme):
+            return t, "copy", 0
+        t = t.dequantize()
     if entry.scheme == KEEP:
         return t, "keep", 0
     if entry.scheme in FLOAT_DTYPES:  # plain dense tensors: exporters and the runtime read them directly

@@ -17,7 +17,8 @@ from functools import partial
 
 import torch
 
-from .fp8 import dequantize_fp8_block128, dequantize_fp8_channel, quantize_fp8_block128, quantize_fp8_channel
+from .fp8 import (dequantize_fp8_channel, dequantize_fp8_tiles, quantize_fp8_block128, quantize_fp8_channel,
+                  quantize_fp8_g128)
 from .int4 import GROUP_SIZES, dequantize_int4_asym, dequantize_int4_sym, quantize_int4_asym, quantize_int4_sym
 from .int8 import dequantize_int8_channel, dequantize_q8_0, quantize_int8_channel, quantize_q8_0
 from .gguf_blocks import GGUF_BLOCK_TYPES
@@ -118,8 +119,10 @@ def _build() -> dict[str, Scheme]:
                gguf="q8_0", onnx="MatMulNBits", fallback="f16", no_target=(("gpu", "no int8 GPU kernel"),)),
         Scheme("fp8_channel", quantize_fp8_channel, dequantize_fp8_channel, 8.0, 8, True, "row", None, "fp8",
                onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
-        Scheme("fp8_block128", quantize_fp8_block128, dequantize_fp8_block128, 8 + 32 / (128 * 128), 8, True,
+        Scheme("fp8_block128", quantize_fp8_block128, dequantize_fp8_tiles, 8 + 32 / (128 * 128), 8, True,
                "tile", (128, 128), "fp8", onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
+        Scheme("fp8_g128", quantize_fp8_g128, dequantize_fp8_tiles, 8 + 32 / 128, 8, True, "tile", (1, 128), "fp8",
+               onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
     ]
     fallbacks = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "int8_g32"}  # llama-quant.cpp, ncols % 256 != 0
     for kq in KQUANTS.values():

@@ -350,3 +350,27 @@ def test_gpu_yarn_matches_cpu_runtime(graphs):
     got = GpuModel.from_graph(g, max_batch=2).prefill(ids, all_logits=True).float().cpu()
     per_pos = (got - ref).norm(dim=-1) / ref.norm(dim=-1)  # bf16: the bound of test_gpu_model_logits_match_cpu_runtime
     assert float(per_pos.median()) <= 3e-2
+
+
+def test_gpu_runs_an_fp8_checkpoint(tmp_path):
+    """An IR read from an FP8 checkpoint (tests/test_fp8_source.py's fixture: ragged 128x128 tiles, fp8_g128 where
+    the tiles straddle q / k / v / z): fp8_block128 experts stay packed in the MoE kernels, other fp8 tensors are
+    dequantized once at load (the GPU runtime's rule for non-expert quantized tensors); vs the CPU runtime."""
+    from test_fp8_source import make_fp8_checkpoint
+
+    from nextq.convert.cli import convert
+    from nextq.graph import Graph
+    from nextq.runtime.gpu import GpuModel
+    from nextq.runtime.model import TorchModel
+
+    fp8, _ = make_fp8_checkpoint(tmp_path)
+    convert(str(fp8), tmp_path / "ir")
+    g = Graph.load(tmp_path / "ir")
+    assert g.get("layers.0.ffn.experts.0.gate.weight").scheme == "fp8_block128"
+    ids = torch.randint(0, 96, (2, 67), generator=torch.Generator().manual_seed(6))
+    ref = TorchModel(g).forward(ids)
+    got32 = GpuModel.from_graph(g, dtype=torch.float32, max_batch=2).prefill(ids, all_logits=True)
+    assert rel(got32, ref) <= 1e-3  # fp32: summation order and 3xTF32, as test_gpu_model_logits_match_cpu_runtime
+    got = GpuModel.from_graph(g, max_batch=2).prefill(ids, all_logits=True).float().cpu()
+    per_pos = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert float(per_pos.median()) <= 3e-2  # bf16, the same bound

@@ -1,0 +1,183 @@
+"""FP8 checkpoints (Qwen's official `-FP8` releases) read exactly, for every family: e4m3 weights with their
+`weight_scale_inv` 128x128 tiles become fp8 IR tensors holding the same codes and the same scales.
+
+    tensors = pair_scales(config_json, ckpt.tensors)   # `<m>.weight` + `<m>.weight_scale_inv` -> one Fp8Stored
+    src = fp8_stored.source(shape, transform)          # a lazy canonical tensor (the reader's row split applied)
+
+Layout (notes/fp8-and-yarn.md): `quantization_config` {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic,
+weight_block_size: [128, 128], modules_to_not_convert}; `<m>.weight` F8_E4M3 [N, K] and `<m>.weight_scale_inv`
+[ceil(N/128), ceil(K/128)] (bf16 or fp32), w = q * s of the tile (multiply despite the name; ragged edge tiles).
+
+The tiles lie on the *stored* (fused) tensors. A reader's split (q / k / v / z out of in_proj_qkvz, q / gate out
+of q_proj) selects rows, so each canonical row keeps its source row's scales: when every 128-row block of the
+canonical tensor comes from one source tile (always so on the real models, whose head dims are multiples of 128)
+the tensor is `fp8_block128` with the tiles' scales; otherwise (a tile straddling two canonical tensors) it is
+`fp8_g128`, one scale per row and 128 columns. Either way the codes are the stored bytes and dequantization
+gives exactly the source's q * s: nothing is re-quantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from nextq.errors import CheckpointError, UnsupportedModelError
+from nextq.quant import QuantizedTensor
+from nextq.storage import StoredTensor
+
+FP8_BLOCK = 128
+SCALE_SUFFIX = "_scale_inv"  # `<m>.weight` -> `<m>.weight_scale_inv`
+# quantization_config keys nextq implements, with the one value each may take
+SUPPORTED = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+             "weight_block_size": [FP8_BLOCK, FP8_BLOCK], "scale_fmt": "float"}
+SCALE_DTYPES = ("BF16", "F16", "F32")
+
+
+def check_fp8_config(config: Mapping[str, Any]) -> bool:
+    """Whether config.json declares an FP8 checkpoint nextq reads; a clear error for one it cannot."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return False
+    for key, want in SUPPORTED.items():
+        got = qc.get(key, want if key in ("fmt", "scale_fmt") else None)  # transformers' defaults: e4m3, float
+        if got != want:
+            raise UnsupportedModelError(f"config: quantization_config.{key}={got!r}, supported: [{want!r}] "
+                                        f"(Qwen's FP8 layout: {SUPPORTED})")
+    return True
+
+
+@dataclass(frozen=True)
+class Fp8Stored:
+    """An e4m3 weight and its tile scales in a checkpoint. Has a StoredTensor's `path`, `key`, `dtype` and
+    `shape`, so the family tables map it like any stored tensor; `source` builds its canonical tensors."""
+
+    weight: StoredTensor
+    scale: StoredTensor
+
+    path = property(lambda self: self.weight.path)
+    key = property(lambda self: self.weight.key)
+    dtype = property(lambda self: self.weight.dtype)
+    shape = property(lambda self: self.weight.shape)
+
+    def rows(self, start: int, stop: int):
+        raise CheckpointError(f"{self.key}: FP8 weights stacked over experts are not supported (Qwen's FP8 "
+                              "releases store experts one by one)")
+
+    def source(self, shape: tuple[int, ...], transform: Callable[[torch.Tensor], torch.Tensor] | None) -> Fp8Source:
+        return Fp8Source(self, tuple(shape), transform)
+
+
+class Fp8Source:
+    """A canonical fp8 tensor read on demand: the stored codes through the reader's row transform, with the scales
+    of the source rows each canonical row came from (see the module docstring). Loads as a QuantizedTensor."""
+
+    dtype = torch.float8_e4m3fn
+
+    def __init__(self, stored: Fp8Stored, shape: tuple[int, ...], transform: Callable | None):
+        self.stored, self.shape, self.transform = stored, shape, transform
+        self.origin = f"{stored.path}:{stored.key}"
+
+    @cached_property
+    def row_map(self) -> torch.Tensor | None:
+        """Source row of each canonical row int64 [N'] (None: no transform, rows are the stored ones).
+
+        Found by running the transform on a probe holding each element's flat source index, which also proves
+        that it only selects whole rows: a transform that moves columns would mix the K tiles.
+        """
+        if self.transform is None:
+            return None
+        n, k = self.stored.shape
+        probe = self.transform(torch.arange(n * k, dtype=torch.int64).reshape(n, k))
+        if probe.dim() != 2 or probe.shape[1] != k or not bool((probe % k == torch.arange(k)).all()):
+            raise CheckpointError(f"{self.origin}: the reader's split of this FP8 weight is not a row selection")
+        return probe[:, 0] // k
+
+    @property
+    def scheme(self) -> str:
+        """fp8_block128 when each 128-row block of the canonical tensor lies in one source row tile, else fp8_g128."""
+        rm = self.row_map
+        if rm is None:
+            return "fp8_block128"
+        tiles = rm // FP8_BLOCK
+        firsts = tiles[::FP8_BLOCK].repeat_interleave(FP8_BLOCK)[:len(tiles)]
+        return "fp8_block128" if bool((tiles == firsts).all()) else "fp8_g128"
+
+    def load(self) -> QuantizedTensor:
+        codes = self.stored.weight.read()  # float8_e4m3fn [N, K]
+        scales = self.stored.scale.read().to(torch.float32)  # [ceil(N/128), ceil(K/128)], exact upcast
+        rm = self.row_map
+        if rm is not None:
+            codes = self.transform(codes)
+            scales = scales[rm // FP8_BLOCK]  # one row of tile scales per canonical row [N', ceil(K/128)]
+        scheme = self.scheme
+        if rm is not None and scheme == "fp8_block128":
+            scales = scales[::FP8_BLOCK].contiguous()  # uniform per 128-row block: the tile rows themselves
+        if tuple(codes.shape) != self.shape:
+            raise CheckpointError(f"{self.origin}: produced shape {tuple(codes.shape)}, expected {self.shape}")
+        block = (FP8_BLOCK, FP8_BLOCK) if scheme == "fp8_block128" else (1, FP8_BLOCK)
+        return QuantizedTensor(scheme=scheme, shape=self.shape, data=codes.contiguous(), scales=scales.contiguous(),
+                               block_size=block)
+
+    def dequantized(self) -> DequantizedSource:
+        return DequantizedSource(self)
+
+
+class DequantizedSource:
+    """An Fp8Source read as float32 `q * s` (exact in float32, as transformers and llama.cpp's converter compute
+    it): `nextq convert --dtype` of an FP8 checkpoint."""
+
+    dtype = torch.float32
+
+    def __init__(self, src: Fp8Source):
+        self.src, self.shape, self.origin = src, src.shape, src.origin
+
+    def load(self) -> torch.Tensor:
+        return self.src.load().dequantize()
+
+
+def pair_scales(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) -> dict[str, Any]:
+    """The stored tensors with each FP8 weight and its `weight_scale_inv` merged into one Fp8Stored.
+
+    Errors (one line, naming the tensor): an F8_E4M3 tensor without a declared FP8 quantization_config, a weight
+    without its scale or a scale without its weight, a scale of the wrong shape or dtype, a weight that is not 2-D,
+    static activation scales.
+    """
+    fp8 = sorted(k for k, st in tensors.items() if st.dtype == "F8_E4M3")
+    if not check_fp8_config(config):
+        if fp8:
+            raise CheckpointError(f"{fp8[0]}: F8_E4M3 tensor ({len(fp8)} in all) but config.json declares no "
+                                  "quantization_config with quant_method fp8")
+        return dict(tensors)
+    out = {k: st for k, st in tensors.items() if not k.endswith(SCALE_SUFFIX)}
+    for key, st in tensors.items():
+        if key.endswith(("activation_scale", "input_scale")):
+            raise UnsupportedModelError(f"{key}: static activation scales; supported: activation_scheme 'dynamic' "
+                                        "(no stored activation scales)")
+        if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) not in tensors:
+            raise CheckpointError(f"{key}: scale without its weight {key.removesuffix(SCALE_SUFFIX)}")
+    for key in fp8:
+        w, scale = tensors[key], tensors.get(key + SCALE_SUFFIX)
+        if scale is None:
+            raise CheckpointError(f"{key}: F8_E4M3 weight without {key}{SCALE_SUFFIX}")
+        if len(w.shape) != 2:
+            raise CheckpointError(f"{key}: FP8 weight of shape {list(w.shape)}, expected 2-D [N, K]")
+        want = [-(-d // FP8_BLOCK) for d in w.shape]
+        if list(scale.shape) != want:
+            raise CheckpointError(f"{key}{SCALE_SUFFIX}: shape {list(scale.shape)}, expected {want} "
+                                  f"(128x128 tiles of {list(w.shape)})")
+        if scale.dtype not in SCALE_DTYPES:
+            raise CheckpointError(f"{key}{SCALE_SUFFIX}: dtype {scale.dtype}, supported: {list(SCALE_DTYPES)}")
+        out[key] = Fp8Stored(w, scale)
+    for key in tensors:
+        if key.endswith(SCALE_SUFFIX) and (w := tensors[key.removesuffix(SCALE_SUFFIX)]).dtype != "F8_E4M3":
+            raise CheckpointError(f"{key}: scale of a weight stored as {w.dtype}, expected F8_E4M3")
+    return out
+
+
+def dequantized_view(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A graph's tensors with every FP8 source read as its exact float32 dequantization."""
+    return {n: t.dequantized() if isinstance(t, Fp8Source) else t for n, t in tensors.items()}
