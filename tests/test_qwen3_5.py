@@ -26,16 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import llama_cpp_converter  # noqa: E402  (scripts/llama_cpp_converter.py: llama.cpp's own converter, pinned)
 
 TEXT = dict(
-    vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
     linear_conv_kernel_dim=4, max_position_embeddings=512, rms_norm_eps=1e-6,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                      "mrope_section": [2, 1, 1], "mrope_interleaved": True},
 )
-# widths are multiples of 32 so that the pipeline's int8 g32 recipe applies to every matrix
+# expert widths are multiples of 32 so that the pipeline's int4 g32 recipe applies to every expert
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
 DENSE = dict(intermediate_size=64)
-VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=4,
               num_position_embeddings=16)
 IDS = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(0))  # batch > 1, odd T
 
@@ -344,13 +344,13 @@ def test_pipeline_passes_its_gate(models, tmp_path, kind):
 
     ck, _ = models[kind]
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["pipeline", str(ck), "-o", str(out), "--recipe", "int8", "--window", "16",
+    r = CliRunner().invoke(main, ["pipeline", str(ck), "-o", str(out), "--recipe", "int4", "--window", "16",
                                   "--max-windows", "2", "--max-new-tokens", "4", "--calib-tokens", "64"],
                            env={"NEXTQ_CACHE": str(tmp_path / "cache")})
     assert r.exit_code == 0, r.output + repr(r.exception)
     rows = {row["format"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
-    assert list(rows) == ["original", "ir (int8)", "gguf", "onnx"]
-    for name in ("ir (int8)", "gguf", "onnx"):
+    assert list(rows) == ["original", "ir (int4)", "gguf", "onnx"]  # int4 routed experts (the dense model: none)
+    for name in ("ir (int4)", "gguf", "onnx"):
         assert rows[name]["passed"] is True, rows[name]
 
 
