@@ -228,12 +228,15 @@ def _fields(reader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-@pytest.mark.parametrize("key", ["base", "mtp"])
+@pytest.mark.parametrize("key", ["base", "mtp", "mtp-only"])
 def test_same_file_as_llama_cpp_converter(models, llama_converter, tmp_path, key):
-    ck, _, ours = models[key]
+    ck, ir, ours = models[key.removesuffix("-only")]
+    if key == "mtp-only":  # the MTP draft GGUF (llama.cpp's --mtp): embeddings, output norm, LM head, nextn block
+        ours = tmp_path / "ours-mtp.gguf"
+        export_gguf(Graph.load(ir), ours, mtp_only=True)
     ref = tmp_path / "ref.gguf"
     args = llama_cpp_converter.converter_command(llama_converter, ck, "--outtype", "f32", "--outfile", ref,
-                                                 *([] if key == "mtp" else ["--no-mtp"]))
+                                                 *{"base": ["--no-mtp"], "mtp": [], "mtp-only": ["--mtp"]}[key])
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
@@ -242,16 +245,42 @@ def test_same_file_as_llama_cpp_converter(models, llama_converter, tmp_path, key
     assert diff <= INTENTIONAL, {k: (fa.get(k), fb.get(k)) for k in diff - INTENTIONAL}
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert set(ta) == set(tb)
-    if key == "mtp":
+    if key.startswith("mtp"):
         assert fa["qwen3next.nextn_predict_layers"] == 1 and "blk.4.nextn.eh_proj.weight" in ta
+    assert ("blk.0.attn_norm.weight" in ta) == (key != "mtp-only")  # how llama.cpp tells the draft file apart
     for name, t in ta.items():
         u = tb[name]
         assert t.tensor_type == u.tensor_type and list(t.shape) == list(u.shape), name
         # <= 1e-6: only ssm_a = -exp(A_log) may differ, by float32 rounding of exp
         assert np.abs(np.asarray(t.data, np.float32) - np.asarray(u.data, np.float32)).max() <= 1e-6, name
-    # a llama.cpp-made file imports too
-    g = read_gguf(ref)
-    assert g.config.num_hidden_layers == 4
+    if key != "mtp-only":  # a llama.cpp-made file imports too
+        assert read_gguf(ref).config.num_hidden_layers == 4
+
+
+def test_same_metadata_as_llama_cpp_converter_with_qwen_tokenizer_files(models, llama_converter, tmp_path):
+    """Qwen's own tokenizer.json has a ByteLevel post-processor and its tokenizer_config.json says
+    add_bos_token false: llama.cpp's converter then writes add_bos_token and add_eos_token false, and so must nextq
+    (the gguf package's SpecialVocab alone would leave add_eos_token out)."""
+    import shutil
+
+    from nextq.convert.cli import convert
+
+    ck = shutil.copytree(models["base"][0], tmp_path / "hf")
+    tj = json.loads((ck / "tokenizer.json").read_text())
+    tj["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    (ck / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((ck / "tokenizer_config.json").read_text())
+    (ck / "tokenizer_config.json").write_text(json.dumps({**tc, "add_bos_token": False}))
+    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
+    convert(str(ck), tmp_path / "ir")
+    export_gguf(Graph.load(tmp_path / "ir"), ours)
+    r = subprocess.run(llama_cpp_converter.converter_command(llama_converter, ck, "--outtype", "f32", "--outfile",
+                                                             ref, "--no-mtp"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fa, fb = _fields(gguf.GGUFReader(ours)), _fields(gguf.GGUFReader(ref))
+    diff = {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
+    assert diff <= INTENTIONAL, {k: (fa.get(k), fb.get(k)) for k in diff - INTENTIONAL}
+    assert fa["tokenizer.ggml.add_eos_token"] is False and fa["tokenizer.ggml.add_bos_token"] is False
 
 
 # ---- tokenizers -----------------------------------------------------------------------------------------------
