@@ -12,7 +12,8 @@ Memory: one [K, K] float64 matrix per weight (per expert: [H, H] + [I, I]); fine
 but Qwen3-Next-80B's 512 experts x 48 layers would need ~0.4 TB: such a model needs a layer-by-layer pass (not
 implemented; awmse only needs the diagonals).
 
-Methods (each returns the same QuantizedTensor as the RTN scheme, so exporters copy it unchanged, e.g. as Q4_0):
+Methods (quant/gptq.py, on the grid of every calibratable scheme: int4 groups and the K-quants; each returns the
+same QuantizedTensor as the RTN scheme, so exporters copy it unchanged, e.g. as Q4_0 or Q4_K blocks):
     gptq   Frantar et al. 2022: columns quantized in order, each one's error pushed onto the not-yet-quantized
            columns through the Cholesky factor of H^-1 (H = X^T X + 1% mean-diagonal damping); each group's scale
            chosen at the group's start by the H-diagonal-weighted MSE search below. Cost O(N K^2) per matrix.
@@ -37,16 +38,11 @@ from nextq.graph import Graph, Layer, SparseMoE
 from nextq.runtime import ops
 from nextq.runtime.model import TorchModel
 
-from .int4 import pack_int4
-from .schemes import quantize
-from .tensor import QuantizedTensor, as_float32_matrix
+from .gptq import QUANTIZERS, quantize_awmse, quantize_gptq, search_group_params  # noqa: F401 (re-exported)
+from .schemes import SCHEMES, quantize
+from .tensor import QuantizedTensor
 
-SHRINK = torch.linspace(1.0, 0.6, 9)  # candidate fractions of the RTN range (1.0 = RTN's own scale)
-DAMP = 0.01  # GPTQ damping, fraction of the mean Hessian diagonal (the paper's default)
-GPTQ_BLOCK = 128  # columns per lazy-update block; a multiple of every group size
 MIN_TOKENS = 16
-METHODS = ("gptq", "awmse")
-INT4 = re.compile(r"int4_(sym|asym)_g(\d+)")
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------
@@ -204,110 +200,12 @@ def token_windows(ids: list[int], n: int, length: int) -> torch.Tensor:
     return torch.tensor(ids[: n * length], dtype=torch.int64).reshape(n, length)
 
 
-# ---- int4 grids -----------------------------------------------------------------------------------------------
-
-
-def _fp16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).to(torch.float32)
-
-
-def _codes(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Nearest codes 0..15 of w on the grid q * d + m (d may be 0: then every code is the one nearest m)."""
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    return torch.round((w - m) * inv).clamp(0, 15)
-
-
-def search_group_params(wg: torch.Tensor, h: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row grid (d, m), fp16-exact, minimising sum_k h_k (w_k - (q_k d + m))^2.
-
-    wg: [..., g] weights of one group per row; h: [g] (or broadcastable) non-negative weights per input channel.
-    sym (Q4_0 grid, m = -8 d): candidates d = s * vmax / -8 and s * vmax / 7, vmax the signed largest-|w| element;
-    asym (Q4_1 grid): candidates d = s (max - min) / 15, m = s min... with both ends shrunk by s.
-    Returns d, m: [...] float32 (m = -8 d when sym).
-    """
-    if sym:
-        vmax = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))  # [..., 1]
-        ds = torch.cat([vmax * SHRINK / -8.0, vmax * SHRINK / 7.0], dim=-1)  # [..., S]
-        d = _fp16(ds)
-        m = -8.0 * d
-    else:
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        m = _fp16(lo * SHRINK)  # [..., S]
-        d = _fp16((hi - lo) * SHRINK / 15.0)
-    w = wg.unsqueeze(-2)  # [..., 1, g]
-    q = _codes(w, d.unsqueeze(-1), m.unsqueeze(-1))  # [..., S, g]
-    err = ((w - (q * d.unsqueeze(-1) + m.unsqueeze(-1))) ** 2 * h.unsqueeze(-2)).sum(-1)  # [..., S]
-    best = err.argmin(-1, keepdim=True)
-    return d.gather(-1, best).squeeze(-1), m.gather(-1, best).squeeze(-1)
-
-
-def _pack(scheme: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int) -> QuantizedTensor:
-    """Codes [N, K] (float 0..15) and per-group d, m [N, K/g] -> the scheme's QuantizedTensor."""
-    sym = scheme.startswith("int4_sym")
-    n, k = q.shape
-    return QuantizedTensor(scheme=scheme, shape=(n, k), data=pack_int4(q.to(torch.uint8)), scales=d.to(torch.float16),
-                           zero_points=None if sym else m.to(torch.float16), block_size=group,
-                           nibble_order="low_even")
-
-
-def _grid(scheme: str) -> tuple[bool, int]:
-    m = INT4.fullmatch(scheme)
-    if m is None:
-        raise ValueError(f"data-aware quantization: scheme must be int4_(sym|asym)_g*, got {scheme!r}")
-    return m.group(1) == "sym", int(m.group(2))
-
-
-def quantize_awmse(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> QuantizedTensor:
-    """Activation-weighted MSE scale search per group. w: [N, K]; hessian: [K, K] (its diagonal is used)."""
-    sym, g = _grid(scheme)
-    w = as_float32_matrix(w)
-    n, k = w.shape
-    h = hessian.diagonal().float().clamp_min(0).reshape(k // g, g)  # [G, g]
-    h = h + DAMP * h.mean()  # channels never seen keep a little weight
-    wg = w.reshape(n, k // g, g)  # [N, G, g]
-    d, m = search_group_params(wg, h, sym)  # [N, G]
-    q = _codes(wg, d.unsqueeze(-1), m.unsqueeze(-1)).reshape(n, k)
-    return _pack(scheme, q, d, m, g)
-
-
-def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> QuantizedTensor:
-    """GPTQ with static per-group grids (chosen when the group's first column comes up). w: [N, K]; hessian [K, K]."""
-    sym, g = _grid(scheme)
-    w = as_float32_matrix(w).clone()
-    n, k = w.shape
-    h = hessian.double().clone()
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1.0
-    h += DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # [K, K]
-    hdiag = h.diagonal().float()
-    q = torch.zeros(n, k)
-    d_all, m_all = torch.zeros(n, k // g), torch.zeros(n, k // g)
-    for b0 in range(0, k, GPTQ_BLOCK):
-        b1 = min(b0 + GPTQ_BLOCK, k)
-        wb, errs, ub = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0), u[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            i = b0 + j
-            if i % g == 0:  # the group lies inside this block (GPTQ_BLOCK is a multiple of g)
-                d, m = search_group_params(wb[:, j:j + g], hdiag[i:i + g], sym)  # [N]
-                d_all[:, i // g], m_all[:, i // g] = d, m
-            col = wb[:, j]
-            q[:, i] = _codes(col, d, m)
-            err = (col - (q[:, i] * d + m)) / ub[j, j]
-            wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
-            errs[:, j] = err
-        w[:, b1:] -= errs @ u[b0:b1, b1:]
-    return _pack(scheme, q, d_all, m_all, g)
-
-
-QUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], QuantizedTensor]] = {
-    "gptq": quantize_gptq,
-    "awmse": quantize_awmse,
-}
+# ---- data-aware quantization (the grids and quantizers live in quant/gptq.py) ------------------------------------
 
 
 def is_calibratable(scheme: str) -> bool:
-    return INT4.fullmatch(scheme) is not None
+    """Whether a data-aware quantizer can produce `scheme` (int4 groups, K-quants: quant/gptq.py GRIDS)."""
+    return scheme in SCHEMES and SCHEMES[scheme].calibratable
 
 
 def quantize_calibrated(w: torch.Tensor, scheme: str, stats: CalibrationStats | None, name: str, method: str,

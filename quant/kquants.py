@@ -58,9 +58,10 @@ def _rint(x: torch.Tensor) -> torch.Tensor:
 
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim in index order, in float32 (the C loops' `s += t[i]` starting from 0), `[..., n] -> [...]`."""
-    acc = torch.zeros(t.shape[:-1], dtype=torch.float32)
-    for i in range(t.shape[-1]):
-        acc = acc + t[..., i]
+    cols = t.movedim(-1, 0).contiguous()  # [n, ...]: each step adds one contiguous vector
+    acc = torch.zeros(cols.shape[1:], dtype=torch.float32)
+    for c in cols:
+        acc += c
     return acc
 
 

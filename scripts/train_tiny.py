@@ -5,6 +5,8 @@ tokenizer files) written to `nextq/assets/tiny` by default; it is what `nextq pi
 what every quantization-drift figure is measured on (random weights hide quantization error).
 
     python scripts/train_tiny.py            # 1200 steps of 16 x 128 tokens: about 15 minutes on 2 CPU cores
+    python scripts/train_tiny.py --preset wide --steps 500 --batch 8 --vocab 4096 --seed 1 -o DIR
+                                            # bench_quant's second model (256-wide rows, 24 experts)
 
 Corpus: the top-level `*.py` modules of the running interpreter's standard library, sorted by name; every
 10th file is held out (`heldout.txt`, the validation default) and never trained on. The tokenizer is a
@@ -82,26 +84,28 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     return fast
 
 
-def tiny_config(vocab_size: int, tokenizer):
+# Model shapes per preset. "tiny" is the embedded model; "wide" is the second benchmark model of
+# scripts/bench_quant.py: every matrix row (hidden, expert, attention and DeltaNet output widths) 256 wide, so
+# llama.cpp's K-quants (256-element super-blocks) apply instead of falling back, and 24 experts top-4.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, linear_key_head_dim=32, linear_value_head_dim=32,
+                 linear_num_key_heads=2, linear_num_value_heads=4, num_experts=16, num_experts_per_tok=4,
+                 moe_intermediate_size=64, shared_expert_intermediate_size=128),
+    "wide": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                 linear_num_key_heads=2, linear_num_value_heads=4, num_experts=24, num_experts_per_tok=4,
+                 moe_intermediate_size=256, shared_expert_intermediate_size=256),
+}
+
+
+def tiny_config(vocab_size: int, tokenizer, preset: str = "tiny"):
     from transformers import Qwen3NextConfig
 
     return Qwen3NextConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        linear_key_head_dim=32,
-        linear_value_head_dim=32,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
+        **PRESETS[preset],
         linear_conv_kernel_dim=4,
-        num_experts=16,
-        num_experts_per_tok=4,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=128,
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -177,6 +181,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mtp-weight", type=float, default=0.3)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                    help="model shapes: tiny = the embedded model, wide = bench_quant's 256-wide second model")
     args = ap.parse_args()
 
     from transformers import Qwen3NextForCausalLM
@@ -198,7 +204,7 @@ def main():
     held = torch.tensor(tokenizer("\n".join(heldout_texts)[:200_000])["input_ids"])
     print(f"train tokens {len(ids)}, heldout tokens {len(held)}", flush=True)
 
-    config = tiny_config(args.vocab, tokenizer)
+    config = tiny_config(args.vocab, tokenizer, args.preset)
     model = Qwen3NextForCausalLM(config)
     mtp = MTPHead(config)
     params = list(model.parameters()) + list(mtp.parameters())
@@ -272,6 +278,7 @@ def main():
                 "batch": args.batch,
                 "lr": args.lr,
                 "seed": args.seed,
+                "preset": args.preset,
                 "heldout_ppl_fp32": ppl,
                 "heldout_tokens": n,
                 "final_train_loss": loss.item(),

@@ -1,0 +1,210 @@
+"""Data-aware quantizers on a scheme's own grid: GPTQ and importance-weighted grid search ("awmse").
+
+    quantize_gptq(w [N, K], hessian [K, K], scheme)  -> QuantizedTensor
+    quantize_awmse(w [N, K], hessian [K, K], scheme) -> QuantizedTensor
+
+hessian = sum over calibration tokens of x x^T for the weight's input (per expert: over the tokens routed to it);
+its diagonal is the per-column importance (llama.cpp's imatrix is the same diagonal divided by the token count).
+Both return exactly the format the scheme's round-to-nearest produces, so exporters copy it unchanged (Q4_0 blocks,
+K-quant blocks, ...). Each scheme family contributes one `Grid` (a registry keyed by `Scheme.family`):
+
+    width     columns sharing one set of qparams (int4: the group; K-quants: the 256-column super-block)
+    choose    qparams of a column block `[N, width]` given the importance of its columns `[width]`
+              int4:    the importance-weighted MSE search over shrunk RTN scales (`search_group_params`)
+              kquant:  ggml's own imatrix search (make_qkx3_quants + make_qp_quants / make_qx_quants,
+                       quant/kquants.py): the grid llama.cpp would pick with this importance
+    levels    (step, offset) `[N, width]` of those qparams: value = code * step + offset, codes 0..qmax
+    codes     nearest codes of a block on its qparams, as the scheme's own quantizer computes them
+    encode    codes `[N, K]` + the blocks' qparams -> the QuantizedTensor
+
+awmse = choose + nearest codes per block (for K-quants: llama.cpp's imatrix quantization, with per-expert
+statistics). gptq = Frantar et al. 2022: columns quantized in order on the grid chosen when their block comes up
+(on the error-updated weights), each column's error pushed onto the columns not yet quantized through the Cholesky
+factor of H^-1 (H + 1% of its mean diagonal as damping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .int4 import pack_int4
+from .kquants import KQUANTS, QK_K, KQParams
+from .schemes import get_scheme
+from .tensor import QuantizedTensor, as_float32_matrix, check_group
+
+SHRINK = torch.linspace(1.0, 0.6, 9)  # candidate fractions of the RTN range (1.0 = RTN's own scale)
+DAMP = 0.01  # fraction of the mean Hessian diagonal (the GPTQ paper's default); also keeps unseen columns weighted
+GPTQ_BLOCK = 256  # columns per lazy-update block; a multiple of every grid width
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How the data-aware quantizers use one scheme (see the module docstring)."""
+
+    width: int
+    qmax: int
+    choose: Callable[[torch.Tensor, torch.Tensor], Any]
+    levels: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    codes: Callable[[torch.Tensor, Any], torch.Tensor]
+    encode: Callable[[torch.Tensor, list[Any]], QuantizedTensor]
+
+
+# ---- int4 (Q4_0 / Q4_1 grids) ---------------------------------------------------------------------------------
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _codes(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, qmax: int = 15) -> torch.Tensor:
+    """Nearest codes 0..qmax of w on the grid q * d + m (d may be 0: then every code is the one nearest m)."""
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return torch.round((w - m) * inv).clamp(0, qmax)
+
+
+def search_group_params(wg: torch.Tensor, h: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row grid (d, m), fp16-exact, minimising sum_k h_k (w_k - (q_k d + m))^2.
+
+    wg: [..., g] weights of one group per row; h: [g] (or broadcastable) non-negative weights per input channel.
+    sym (Q4_0 grid, m = -8 d): candidates d = s * vmax / -8 and s * vmax / 7, vmax the signed largest-|w| element;
+    asym (Q4_1 grid): candidates d = s (max - min) / 15, m = s min, both ends shrunk by s.
+    Returns d, m: [...] float32 (m = -8 d when sym).
+    """
+    if sym:
+        vmax = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))  # [..., 1]
+        d = _fp16(torch.cat([vmax * SHRINK / -8.0, vmax * SHRINK / 7.0], dim=-1))  # [..., S]
+        m = -8.0 * d
+    else:
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        m = _fp16(lo * SHRINK)  # [..., S]
+        d = _fp16((hi - lo) * SHRINK / 15.0)
+    w = wg.unsqueeze(-2)  # [..., 1, g]
+    q = _codes(w, d.unsqueeze(-1), m.unsqueeze(-1))  # [..., S, g]
+    err = ((w - (q * d.unsqueeze(-1) + m.unsqueeze(-1))) ** 2 * h.unsqueeze(-2)).sum(-1)  # [..., S]
+    best = err.argmin(-1, keepdim=True)
+    return d.gather(-1, best).squeeze(-1), m.gather(-1, best).squeeze(-1)
+
+
+def _int4_grid(scheme: str) -> Grid:
+    s = get_scheme(scheme)
+    g = s.block
+
+    def levels(p: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        d, m = p  # [N] each
+        return d[:, None].expand(-1, g), m[:, None].expand(-1, g)
+
+    def encode(q: torch.Tensor, ps: list[tuple[torch.Tensor, torch.Tensor]]) -> QuantizedTensor:
+        n, k = q.shape
+        d, m = torch.stack([p[0] for p in ps], 1), torch.stack([p[1] for p in ps], 1)  # [N, K/g]
+        return QuantizedTensor(scheme=scheme, shape=(n, k), data=pack_int4(q.to(torch.uint8)),
+                               scales=d.to(torch.float16), zero_points=None if s.symmetric else m.to(torch.float16),
+                               block_size=g, nibble_order="low_even")
+
+    return Grid(g, 15, lambda wb, h: search_group_params(wb, h, s.symmetric), levels,
+                lambda wb, p: _codes(wb, p[0][:, None], p[1][:, None]), encode)
+
+
+# ---- K-quants ---------------------------------------------------------------------------------------------------
+
+
+def _kquant_grid(scheme: str) -> Grid:
+    kq = KQUANTS[scheme]
+
+    def levels(p: KQParams) -> tuple[torch.Tensor, torch.Tensor]:
+        step, offset = kq.grid(p)  # [N, S, 1]
+        n = step.shape[0]
+        return step.expand(-1, -1, kq.sub).reshape(n, QK_K), offset.expand(-1, -1, kq.sub).reshape(n, QK_K)
+
+    def encode(q: torch.Tensor, ps: list[KQParams]) -> QuantizedTensor:
+        p = KQParams(*(torch.cat([getattr(x, f) for x in ps], dim=1) for f in ("d", "dmin", "sc", "m", "L0")))
+        return kq.encode(q, p)
+
+    return Grid(QK_K, kq.qmax, lambda wb, h: kq.choose_qparams(wb, h), levels, kq.codes, encode)
+
+
+GRIDS: dict[str, Callable[[str], Grid]] = {"int4": _int4_grid, "kquant": _kquant_grid}
+
+
+def grid_for(scheme: str) -> Grid:
+    """The data-aware grid of a calibratable scheme; other schemes raise ValueError naming the calibratable ones."""
+    s = get_scheme(scheme)
+    if not s.calibratable or s.family not in GRIDS:
+        from .schemes import SCHEMES
+
+        ok = [n for n, x in SCHEMES.items() if x.calibratable]
+        raise ValueError(f"data-aware quantization: scheme {scheme!r} has no grid; calibratable: {', '.join(ok)}")
+    return GRIDS[s.family](scheme)
+
+
+def _importance(hessian: torch.Tensor) -> torch.Tensor:
+    """Per-column importance `[K]` from H `[K, K]`: its diagonal plus DAMP of the mean (columns never seen keep a
+    little weight, as they still carry weights that must be represented)."""
+    h = hessian.diagonal().float().clamp_min(0)
+    return h + DAMP * h.mean() + 1e-30
+
+
+def _nearest(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Nearest codes 0..qmax of w on value = code * step + offset (elementwise, any shape)."""
+    inv = torch.where(step == 0, torch.zeros_like(step), 1.0 / torch.where(step == 0, torch.ones_like(step), step))
+    return torch.round((w - offset) * inv).clamp(0, qmax)
+
+
+def quantize_awmse(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> QuantizedTensor:
+    """Importance-weighted grid search per block, nearest codes. w: [N, K]; hessian: [K, K] (its diagonal)."""
+    grid = grid_for(scheme)
+    w = as_float32_matrix(w)
+    n, k = w.shape
+    check_group(k, grid.width, scheme)
+    h = _importance(hessian)
+    ps, qs = [], []
+    for b0 in range(0, k, grid.width):
+        wb = w[:, b0:b0 + grid.width]
+        p = grid.choose(wb, h[b0:b0 + grid.width])
+        ps.append(p)
+        qs.append(grid.codes(wb, p))
+    return grid.encode(torch.cat(qs, dim=1), ps)
+
+
+def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> QuantizedTensor:
+    """GPTQ on the scheme's grid (chosen per block when its first column comes up). w: [N, K]; hessian [K, K]."""
+    grid = grid_for(scheme)
+    w = as_float32_matrix(w).clone()
+    n, k = w.shape
+    g = grid.width
+    check_group(k, g, scheme)
+    h = hessian.double().clone()
+    dead = h.diagonal() <= 0
+    h[dead, dead] = 1.0
+    h += DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # [K, K]
+    imp = _importance(hessian)
+    q = torch.zeros(n, k)
+    ps = []
+    block = max(GPTQ_BLOCK // g, 1) * g
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb, errs, ub = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0), u[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            i = b0 + j
+            if i % g == 0:  # the grid block lies inside this lazy-update block (block is a multiple of g)
+                p = grid.choose(wb[:, j:j + g], imp[i:i + g])
+                ps.append(p)
+                step, offset = grid.levels(p)  # [N, g]
+            c = i % g
+            col = wb[:, j]
+            q[:, i] = _nearest(col, step[:, c], offset[:, c], grid.qmax)
+            err = (col - (q[:, i] * step[:, c] + offset[:, c])) / ub[j, j]
+            wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
+            errs[:, j] = err
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+    return grid.encode(q, ps)
+
+
+QUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], QuantizedTensor]] = {
+    "gptq": quantize_gptq,
+    "awmse": quantize_awmse,
+}
