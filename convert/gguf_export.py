@@ -453,11 +453,28 @@ def write_pieces(w, e: Entry, data: Iterator[np.ndarray]) -> None:
     w.state = WriterState.WEIGHTS
 
 
+MTP_ONLY_TRUNK = ("token_embd.weight", "output_norm.weight", "output.weight")  # the trunk tensors the head shares
+
+
+def mtp_only_entries(graph: Graph, entries: list[Entry]) -> list[Entry]:
+    """The tensors of llama.cpp's MTP-only GGUF (`convert_hf_to_gguf.py --mtp`, the draft model of
+    `--spec-type draft-mtp`): token embeddings, output norm, LM head and the nextn blocks; same metadata as the
+    full file. Its loader tells it from a full file by the missing `blk.0.attn_norm.weight`."""
+    c = graph.config
+    if not c.mtp_num_hidden_layers:
+        raise UnsupportedModelError("--mtp-only: this IR has no MTP head (mtp_num_hidden_layers = 0)")
+    mtp_blocks = tuple(f"blk.{c.num_hidden_layers + j}." for j in range(c.mtp_num_hidden_layers))
+    return [e for e in entries if e.pt.name in MTP_ONLY_TRUNK or e.pt.name.startswith(mtp_blocks)]
+
+
 def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions(), force: bool = False,
-                name: str | None = None, progress: bool = False, vocab_only: bool = False) -> dict[str, int]:
+                name: str | None = None, progress: bool = False, vocab_only: bool = False,
+                mtp_only: bool = False) -> dict[str, int]:
     """Write `graph` as a GGUF of its family's architecture at `out` (atomic). Returns tensor counts per GGUF type.
 
+    The full file carries the MTP head's nextn blocks as llama.cpp's converter writes them by default.
     vocab_only: metadata and tokenizer without tensors (llama.cpp opens such files with vocab_only=True).
+    mtp_only: only the MTP draft model (`mtp_only_entries`), as llama.cpp's converter writes with `--mtp`.
     """
     import gguf
 
@@ -465,6 +482,8 @@ def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions()
     if not vocab_only:
         graph.check()
     entries = [] if vocab_only else plan(graph, opts)
+    if mtp_only:
+        entries = mtp_only_entries(graph, entries)
     out = Path(out)
     requant = Requant()
     name = name or Path(str(graph.provenance.get("source") or out.stem)).name
@@ -507,12 +526,16 @@ def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions()
 @click.option("--requantize", type=click.Choice(GGML_TYPES),
               help="Re-quantize quantized IR weights without an identical GGUF type to this type (the extra "
                    "error is measured and printed); needed for fp8, which GGUF cannot hold.")
+@click.option("--mtp-only", is_flag=True,
+              help="Write only the MTP draft model (embeddings, output norm, LM head, nextn block), as llama.cpp's "
+                   "converter does with --mtp: the draft for llama.cpp's --spec-type draft-mtp.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def gguf_cmd(ir, output, type_, requantize, force):
+def gguf_cmd(ir, output, type_, requantize, mtp_only, force):
     """Export an IR directory as a GGUF file for llama.cpp (architecture qwen3next, qwen35moe or qwen35, from the
-    IR's family)."""
+    IR's family). The file includes the MTP head's nextn block, as llama.cpp's converter writes by default."""
     graph = Graph.load(ir)
-    counts = export_gguf(graph, output, GGUFOptions(type_, requantize), force=force, progress=True)
+    counts = export_gguf(graph, output, GGUFOptions(type_, requantize), force=force, progress=True,
+                         mtp_only=mtp_only)
     summary = ", ".join(f"{n} {t.upper()}" for t, n in sorted(counts.items()))
     console.print(f"[green]wrote[/] {output}: {sum(counts.values())} tensors ({summary}), "
                   f"{output.stat().st_size / 2**20:.1f} MiB")
