@@ -1,4 +1,4 @@
-"""llama.cpp's command-line tools (`llama-server`, `llama-speculative`, `llama-imatrix`, `llama-quantize`, ...)
+"""llama.cpp's command-line tools (`llama-speculative-simple`, `llama-imatrix`, `llama-quantize`, `llama-server`, ...)
 built on CPU from the llama.cpp tree of the llama-cpp-python sdist we pin (scripts/llama_cpp_converter.py), as
 peers for benchmarks.
 
@@ -9,8 +9,8 @@ peers for benchmarks.
 
 The build is portable (GGML_NATIVE=OFF), static, without curl/OpenSSL, at low priority with 2 jobs (it shares
 the machine), and cached under $NEXTQ_CACHE/llama-cpp-tools or ~/.cache/nextq/llama-cpp-tools. One build runs at
-a time per cache (a file lock): a second caller waits for it and then reuses what it built. Targets already built
-are not rebuilt; new targets extend the same build tree.
+a time per cache (a file lock): a second caller waits for it and then reuses what it built. Targets are built one
+after the other in the order given; those already built are not rebuilt; new ones extend the same build tree.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp_converter  # noqa: E402  (scripts/llama_cpp_converter.py: the pinned llama.cpp sources)
 
-DEFAULT_TARGETS = ("llama-server", "llama-speculative", "llama-imatrix", "llama-quantize")
+DEFAULT_TARGETS = ("llama-speculative-simple", "llama-imatrix", "llama-quantize", "llama-speculative", "llama-server")
 CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF",
                  "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                  "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
@@ -73,7 +73,8 @@ def build_tools(targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS, cache: P
         log = cache / "build.log"
         if not (build / "CMakeCache.txt").is_file():
             _run_logged(["cmake", "-S", str(root), "-B", str(build), *CMAKE_OPTIONS], log, nice)
-        _run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", *missing], log, nice)
+        for t in missing:  # one at a time, in the order asked: the first ones are usable first
+            _run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", t], log, nice)
     return bin_dir
 
 
