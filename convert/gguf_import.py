@@ -17,18 +17,21 @@ The tokenizer is rebuilt as a byte-level BPE tokenizer.json with the file's pre-
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from nextq.errors import CheckpointError, UnsupportedModelError
-from nextq.graph import Graph, ModelConfig, build_blocks
+from nextq.untrusted import GGUFHeader, gguf_header, need
+from nextq.graph import Graph, ModelConfig, expected_tensors
 
 from . import gguf_names as names
-from .gguf_export import PRETOKENIZERS, layer_kinds
+from .gguf_export import PRETOKENIZERS, ROPE_SCALING_KEYS, ROPE_SCALING_TYPE_KEY, layer_kinds
 
 
 def _f32(v: float) -> float:
@@ -159,6 +162,50 @@ def write_tokenizer_files(reader, out: Path) -> dict[str, Path]:
     return files
 
 
+# ggml tensor types the import can dequantize (gguf-py's reference dequantizers) -> (block elements, block bytes)
+GGML_TYPES = {int(t): GGML_QUANT_SIZES[t] for t in (
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
+    GGMLQuantizationType.Q6_K)}
+KINDS = {names.U32: "int", names.F32: "float", names.BOOLS: "bools", names.INTS: "ints", names.STR: "str"}
+# keys read outside an architecture's metadata table, with the kind read_config / write_tokenizer_files expect
+GENERAL_KINDS = {
+    "general.architecture": "str", "tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str",
+    "tokenizer.ggml.tokens": "strs", "tokenizer.ggml.token_type": "ints", "tokenizer.ggml.merges": "strs",
+    "tokenizer.chat_template": "str", **{f"tokenizer.ggml.{t}_token_id": "int" for t in ("bos", "eos", "padding")},
+}
+DIVISORS = ("attention.key_length", "ssm.time_step_rank", "full_attention_interval")  # read_config divides by them
+
+
+def metadata_kinds() -> dict[str, str]:
+    """Every key the import reads -> the kind its value must have (`untrusted.GGUF_KINDS`), all architectures."""
+    kinds = dict(GENERAL_KINDS)
+    for arch in names.ARCHS.values():
+        keyed = [(m.key, m.kind) for m in arch.metadata] + list(ROPE_SCALING_KEYS.values())
+        keyed += [(ROPE_SCALING_TYPE_KEY, names.STR), ("rope.dimension_sections", names.INTS)]
+        kinds.update({f"{arch.name}.{k}": KINDS[kind] for k, kind in keyed})
+    return kinds
+
+
+def check_metadata(h: GGUFHeader, where: str) -> None:
+    """Values read_config and write_tokenizer_files compute with, beyond their kinds: divisors >= 1, no more blocks
+    than tensors, a 2-D token_embd.weight, token ids inside the vocabulary."""
+    arch = h.fields.get("general.architecture", (None, None))[1]
+    for k in DIVISORS:
+        v = h.fields.get(f"{arch}.{k}", (None, 1))[1]
+        need(v >= 1, where, f"{arch}.{k} = {v}, expected >= 1")
+    blocks = h.fields.get(f"{arch}.block_count", (None, 0))[1]
+    need(blocks <= len(h.tensors), where, f"{arch}.block_count = {blocks} exceeds the {len(h.tensors)} tensors")
+    embd = h.tensors.get("token_embd.weight")
+    need(embd is not None and len(embd.dims) == 2, where, "token_embd.weight: expected a 2-D tensor")
+    n_tokens = len(h.fields.get("tokenizer.ggml.tokens", (None, (None, [])))[1][1])
+    for t in ("bos", "eos", "padding"):
+        tid = h.fields.get(f"tokenizer.ggml.{t}_token_id", (None, None))[1]
+        need(tid is None or not n_tokens or 0 <= tid < n_tokens, where,
+             f"tokenizer.ggml.{t}_token_id = {tid}, the vocabulary has {n_tokens} tokens")
+
+
 def read_gguf(path: str | Path) -> Graph:
     """Read a qwen3next / qwen35moe / qwen35 GGUF into the canonical graph (tensors held in memory as float32)."""
     from gguf import GGUFReader
@@ -166,6 +213,7 @@ def read_gguf(path: str | Path) -> Graph:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
+    check_metadata(gguf_header(path, GGML_TYPES, metadata_kinds()), str(path))  # before gguf-py touches the file
     reader = GGUFReader(path)
     by_name = {t.name: t for t in reader.tensors}
     config = read_config(reader, set(by_name))
@@ -176,18 +224,27 @@ def read_gguf(path: str | Path) -> Graph:
     if missing or extra:
         raise CheckpointError(f"{path}: GGUF tensors missing {missing[:8]} / unexpected {extra[:8]} for the "
                               f"{names.arch_of(config).name} layout of its metadata")
-    offsets = {}
-    for b in build_blocks(config):
-        offsets.update({k: v.norm_offset for k, v in b.tensor_specs(config).items()})
     tensors: dict[str, torch.Tensor] = {}
+    specs = expected_tensors(config)
     for pt in plan:
-        data = _dequantized(by_name[pt.name])
+        stored = by_name[pt.name]
+        dims = [int(x) for x in stored.shape]
+        want = sum(math.prod(specs[name].shape) for name in pt.sources)
+        if int(stored.n_elements) != want:
+            raise CheckpointError(f"{path}: tensor {pt.name}: dims {dims} hold {stored.n_elements} elements, its "
+                                  f"metadata's layout needs {want}")
+        data = _dequantized(stored)
         if pt.rule.value is not None:
             data = pt.rule.value[1](data)
-        for name, part in zip(pt.sources, pt.rule.unpack(config, data)):
+        try:
+            parts = pt.rule.unpack(config, data)
+        except ValueError as e:  # numpy reshape: the dims do not split into the layout's tensors
+            raise CheckpointError(f"{path}: tensor {pt.name}: dims {dims} do not split into "
+                                  f"{pt.sources[:2]}... ({e})") from None
+        for name, part in zip(pt.sources, parts):
             t = torch.from_numpy(np.array(part, dtype=np.float32))  # a copy: reader memory is read-only
             if pt.rule.norm:
-                t = t - offsets[name]  # exact: fl(1 + w) - 1 (Sterbenz)
+                t = t - specs[name].norm_offset  # exact: fl(1 + w) - 1 (Sterbenz)
             tensors[name] = t
     graph.tensors = tensors
     graph.check()
