@@ -91,10 +91,11 @@ class Fp8Source:
         if self.transform is None:
             return None
         n, k = self.stored.shape
-        probe = self.transform(torch.arange(n * k, dtype=torch.int64).reshape(n, k))
+        index = torch.int32 if n * k < 2**31 else torch.int64  # a probe of 4 bytes per element when it fits
+        probe = self.transform(torch.arange(n * k, dtype=index).reshape(n, k))
         if probe.dim() != 2 or probe.shape[1] != k or not bool((probe % k == torch.arange(k)).all()):
             raise CheckpointError(f"{self.origin}: the reader's split of this FP8 weight is not a row selection")
-        return probe[:, 0] // k
+        return probe[:, 0].long() // k
 
     @property
     def scheme(self) -> str:

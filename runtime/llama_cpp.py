@@ -22,13 +22,22 @@ GGML_TYPE_F32 = 0  # ggml.h enum ggml_type
 
 
 def trained_context(path: Path) -> int | None:
-    """`{arch}.context_length` of a GGUF (header only)."""
+    """`{arch}.context_length` of a GGUF (header only); with YaRN, factor x original context when larger (the
+    converter keeps context_length = max_position_embeddings, e.g. 262144 for the 1M-token recipe)."""
     from gguf import GGUFReader
 
     r = GGUFReader(path)
     arch = r.fields["general.architecture"].contents()
-    f = r.fields.get(f"{arch}.context_length")
-    return int(f.contents()) if f is not None else None
+
+    def field(key: str):
+        f = r.fields.get(f"{arch}.{key}")
+        return f.contents() if f is not None else None
+
+    n = field("context_length")
+    if field("rope.scaling.type") == "yarn" and None not in (field("rope.scaling.factor"),
+                                                               field("rope.scaling.original_context_length")):
+        n = max(n or 0, int(field("rope.scaling.factor") * field("rope.scaling.original_context_length")))
+    return int(n) if n is not None else None
 
 
 class GGUFTokenizer:
