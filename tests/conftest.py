@@ -39,6 +39,17 @@ def hf_config(**overrides):
     return Qwen3NextConfig(rope_parameters=rope, **kw)
 
 
+def redraw_weights(model: torch.nn.Module) -> None:
+    """Norms ~ N(0, 0.1), matrices ~ N(0, (1.2 / sqrt(K))^2), A_log / dt_bias kept: every path of a tiny random
+    model contributes visibly to the logits (transformers' default std 0.02 makes it nearly linear)."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.normal_(0, 0.1)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.3 / max(1, p.shape[-1]) ** 0.5 * 4)
+
+
 def build_checkpoint(out: Path, name: str = "base", *, seed: int = 0, dtype=torch.float32, mtp: bool = False,
                      max_shard_size: str | None = None, **overrides) -> Path:
     """Save a random-weight Qwen3NextForCausalLM (transformers' own save_pretrained) into `out`.
@@ -52,12 +63,7 @@ def build_checkpoint(out: Path, name: str = "base", *, seed: int = 0, dtype=torc
     torch.manual_seed(seed)
     cfg = hf_config(**{**CONFIGS[name], **overrides})
     model = Qwen3NextForCausalLM(cfg)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.normal_(0, 0.1)
-            elif p.dim() >= 2:
-                p.normal_(0, 0.3 / max(1, p.shape[-1]) ** 0.5 * 4)
+    redraw_weights(model)
     model.to(dtype)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)

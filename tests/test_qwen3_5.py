@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_fixture_tokenizer
+from conftest import redraw_weights, write_fixture_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import llama_cpp_converter  # noqa: E402  (scripts/llama_cpp_converter.py: llama.cpp's own converter, pinned)
@@ -74,12 +74,7 @@ def build(out: Path, kind: str, *, fused: bool = False, seed: int = 0, **text) -
     torch.manual_seed(seed)
     cfg = config_cls(text_config={**TEXT, **(MOE if kind == "moe" else DENSE), **text}, vision_config=VISION)
     model = model_cls(cfg)
-    with torch.no_grad():  # conftest.build_checkpoint's re-draw: every path contributes visibly to the logits
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.1)
-            elif p.dim() >= 2:
-                p.normal_(0, 0.3 / max(1, p.shape[-1]) ** 0.5 * 4)
+    redraw_weights(model)
     model.save_pretrained(out)
     sd = load_file(out / "model.safetensors")
     h, lm = TEXT["hidden_size"], "model.language_model.layers"
