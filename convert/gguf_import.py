@@ -28,7 +28,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from nextq.errors import CheckpointError, UnsupportedModelError
 from nextq.untrusted import GGUFHeader, gguf_header, need
-from nextq.graph import Graph, ModelConfig, expected_tensors
+from nextq.graph import Graph, ModelConfig, RopeScaling, expected_tensors
 
 from . import gguf_names as names
 from .gguf_export import PRETOKENIZERS, ROPE_SCALING_KEYS, ROPE_SCALING_TYPE_KEY, layer_kinds
@@ -105,7 +105,22 @@ def read_config(reader, tensor_names: set[str]) -> ModelConfig:
         bos_token_id=token_id["bos"],
         eos_token_id=token_id["eos"],
         pad_token_id=token_id["padding"],
+        rope_scaling=read_rope_scaling(reader, arch),
     )
+
+
+def read_rope_scaling(reader, arch: str) -> RopeScaling | None:
+    """RopeScaling from the `{arch}.rope.scaling.*` keys (gguf_export.ROPE_SCALING_KEYS); None without a type."""
+    kind = _field(reader, f"{arch}.{ROPE_SCALING_TYPE_KEY}")
+    if kind in (None, "none"):
+        return None
+    values = {f: _field(reader, f"{arch}.{key}") for f, (key, _) in ROPE_SCALING_KEYS.items()}
+    missing = [f"{arch}.{ROPE_SCALING_KEYS[f][0]}" for f in ("factor", "original_max_position_embeddings")
+               if values[f] is None]
+    if missing:
+        raise CheckpointError(f"GGUF: rope scaling type {kind!r} without {', '.join(missing)}")
+    return RopeScaling(kind, **{f: _f32(v) if ROPE_SCALING_KEYS[f][1] == names.F32 else int(v)
+                                for f, v in values.items() if v is not None})
 
 
 def _dequantized(t) -> np.ndarray:
