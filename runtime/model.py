@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from nextq.graph import Graph, GatedAttention, GatedDeltaNet, Layer, ModelConfig, SparseMoE
 
 from . import ops  # noqa: F401  (registers torch.ops.nextq.*)
+from .rope import rope_cos_sin, rope_parameters
 
 # Tensors kept in fp32 whatever the compute dtype: they feed fp32 math in the reference.
 FP32_SUFFIXES = ("A_log", "dt_bias")
@@ -52,12 +53,11 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float
     return ((w * xf.to(x.dtype)) * F.silu(z.float())).to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, rot: int, theta: float) -> torch.Tensor:
-    """Split-half (rotate_half) RoPE on the first `rot` dims. x: [B, H, T, D]; positions: [T]."""
-    inv = 1.0 / (theta ** (torch.arange(0, rot, 2, device=x.device, dtype=torch.float32) / rot))
-    freqs = positions.float()[:, None] * inv  # [T, rot/2]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float) -> torch.Tensor:
+    """Split-half (rotate_half) RoPE on the first rot = 2 * len(inv_freq) dims, cos/sin scaled by the attention
+    factor (runtime/rope.py: plain or YaRN). x: [B, H, T, D]; positions: [T]."""
+    rot = 2 * inv_freq.numel()
+    cos, sin = rope_cos_sin(positions, inv_freq, attention_factor, x.dtype)  # [T, rot]
     xr, xp = x[..., :rot], x[..., rot:]
     half = torch.cat([-xr[..., rot // 2:], xr[..., : rot // 2]], dim=-1)
     return torch.cat([xr * cos + half * sin, xp], dim=-1)
@@ -111,6 +111,8 @@ class TorchModel:
                         [self.w.pop(f"{p}.experts.{e}.{part}.weight") for e in range(self.config.num_experts)]
                     )
         self.lm_head = self.w["embed.weight"] if self.config.tie_word_embeddings else self.w["lm_head.weight"]
+        inv_freq, self.attention_factor = rope_parameters(self.config)  # fp32 [rot / 2], float
+        self.inv_freq = inv_freq.to(self.device)
 
     # -- blocks ---------------------------------------------------------------------------------------------
 
@@ -145,7 +147,7 @@ class TorchModel:
         k = self.norm(F.linear(x, w[f"{p}.k.weight"]).view(b, t, hkv, d), f"{p}.k_norm.weight").transpose(1, 2)
         v = F.linear(x, w[f"{p}.v.weight"]).view(b, t, hkv, d).transpose(1, 2)
         gate = F.linear(x, w[f"{p}.gate.weight"])  # [B, T, Hq*D]
-        q, k = rope(q, positions, c.rotary_dim, c.rope_theta), rope(k, positions, c.rotary_dim, c.rope_theta)
+        q, k = (rope(y, positions, self.inv_freq, self.attention_factor) for y in (q, k))
         if st.k is not None:
             k, v = torch.cat([st.k, k], dim=2), torch.cat([st.v, v], dim=2)
         st.k, st.v = k, v
