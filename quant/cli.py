@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -28,7 +29,11 @@ def calibration_windows(ir: Path, text_file: Path | None, tokens: int, length: i
 @click.command("quantize")
 @click.argument("ir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Quantized IR directory to write.")
-@click.option("--recipe", required=True, help=f"Built-in ({', '.join(RECIPES)}) or a TOML recipe file.")
+@click.option("--recipe", help=f"Built-in ({', '.join(RECIPES)}) or a TOML recipe file.")
+@click.option("--target-bpw", type=float,
+              help="Instead of a recipe: choose a scheme per GGUF tensor (K-quants, Q4_0/Q5_0 where rows are not a "
+                   "multiple of 256, Q8_0) from its measured output error on the calibration text to meet this many "
+                   "bits per weight; the plan is printed and written next to the IR (allocation.md / .json).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="Data-aware int4 (needs the model to run on calibration text); --no-calibrate = round to nearest.")
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -40,23 +45,36 @@ def calibration_windows(ir: Path, text_file: Path | None, tokens: int, length: i
               help="Experts seeing fewer calibration tokens fall back to round-to-nearest (reported).")
 @click.option("--workers", default=2, show_default=True, help="Quantization threads.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def quantize_cmd(ir, output, recipe, calibrate, calib_text, calib_tokens, method, min_tokens, workers, force):
-    """Quantize the IR directory IR with a recipe into OUTPUT (another IR directory)."""
+def quantize_cmd(ir, output, recipe, target_bpw, calibrate, calib_text, calib_tokens, method, min_tokens, workers,
+                 force):
+    """Quantize the IR directory IR with a recipe (or to --target-bpw) into OUTPUT (another IR directory)."""
+    from nextq.errors import RecipeError
     from nextq.graph import Graph
 
+    from . import allocate
     from . import calibrate as cal
     from .apply import REPORT_MD, quantize_graph
     from .recipes import plan_schemes
 
-    rec = get_recipe(recipe)
+    if (recipe is None) == (target_bpw is None):
+        raise RecipeError("quantize: give exactly one of --recipe NAME|FILE and --target-bpw X")
+    if target_bpw is not None and not calibrate:
+        raise RecipeError("--target-bpw measures each tensor's error on calibration text: drop --no-calibrate")
     graph = Graph.load(ir)
-    plan = plan_schemes(rec, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})  # fail fast
+    rec = get_recipe(recipe) if recipe is not None else None
+    if rec is not None:
+        plan = plan_schemes(rec, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})  # fail fast
     stats = None
-    if calibrate and any(cal.is_calibratable(e.scheme) for e in plan.values()):
+    if calibrate and (rec is None or any(cal.is_calibratable(e.scheme) for e in plan.values())):
         windows = calibration_windows(ir, calib_text, calib_tokens, 256)
         console.print(f"calibrating ({method}) on {windows.numel()} tokens "
                       f"from {calib_text or 'the standard library sources'}")
         stats = cal.collect_stats(graph, windows, progress=lambda xs: progress_iter(xs, "calibration forward"))
+    allocation = None
+    if rec is None:
+        rec, units, summary = allocate.target_recipe(
+            graph, target_bpw, stats, progress=lambda xs: progress_iter(xs, "measuring sensitivity"))
+        allocation = (allocate.plan_markdown(units, summary), allocate.plan_json(units, summary))
     report = quantize_graph(graph, rec, output, force=force, stats=stats, method=method, min_tokens=min_tokens,
                             workers=workers, progress=lambda xs: progress_iter(xs, f"quantizing ({rec.name})"))
     table = Table(title=f"{output} — recipe {rec.name}")
@@ -69,6 +87,10 @@ def quantize_cmd(ir, output, recipe, calibrate, calib_text, calib_tokens, method
     out.print(table)
     if report["calibration"] is not None:
         out.print((output / REPORT_MD).read_text())
+    if allocation is not None:
+        (output / "allocation.md").write_text(allocation[0])
+        (output / "allocation.json").write_text(json.dumps(allocation[1], indent=1))
+        out.print(allocation[0])
     methods = ", ".join(f"{k} {v}" for k, v in sorted(report["methods"].items()))
     console.print(f"[green]wrote[/] {output} ({methods})")
 
@@ -76,9 +98,14 @@ def quantize_cmd(ir, output, recipe, calibrate, calib_text, calib_tokens, method
 @click.command("recipes")
 @click.option("--model", type=click.Path(exists=True, path_type=Path),
               help="Estimate bits per weight on this model (IR or Hugging Face directory) instead of Qwen3-Next-80B.")
-def recipes_cmd(model):
+@click.option("--targets", is_flag=True,
+              help="Print the recipe x target matrix instead: whether each recipe exports to GGUF and ONNX and runs "
+                   "on the GPU backend, or why not.")
+def recipes_cmd(model, targets):
     """List the built-in quantization recipes: the scheme of each tensor class and bits per weight."""
     from nextq.graph import expected_tensors
+
+    from .recipes import plan_schemes
 
     if model is not None:
         from nextq import read
@@ -87,15 +114,27 @@ def recipes_cmd(model):
     else:
         config, label = qwen3_next_80b(), "Qwen3-Next-80B-A3B"
     shapes = {k: v.shape for k, v in expected_tensors(config).items()}
-    table = Table(title="built-in recipes (scheme, nominal bits per weight; keep = as stored)")
+    plans = {name: plan_schemes(r, config, shapes) for name, r in RECIPES.items()}
+    if targets:
+        table = Table(title=f"recipe x target on {label}: yes, or the schemes (tensor classes) that cannot go")
+        for col in ("recipe", *TARGETS):
+            table.add_column(col)
+        reasons: dict[str, str] = {}
+        for name, plan in plans.items():
+            table.add_row(name, *[target_cell(plan, t, reasons) for t in TARGETS])
+        out.print(table)
+        for key, why in sorted(reasons.items()):
+            out.print(f"[bold]{key}[/]: {why}")
+        return
+    table = Table(title="built-in recipes (schemes per tensor class, nominal bits per weight; keep = as stored)")
     table.add_column("tensor class")
     for name in RECIPES:
         table.add_column(name)
     for cls in TENSOR_CLASSES:
         cells = []
-        for r in RECIPES.values():
-            s = getattr(r, cls)
-            cells.append(f"{s} ({nominal_bits(s, 16):.2f})" if s != "keep" else "keep")
+        for plan in plans.values():
+            used = sorted({e.scheme for e in plan.values() if e.cls == cls})
+            cells.append(", ".join(f"{s} ({nominal_bits(s, 16):.2f})" if s != "keep" else "keep" for s in used))
         table.add_row(cls, *cells)
     table.add_row(f"bits/w on {label} (keep = 16)",
                   *[f"{estimate_bits_per_weight(r, config, 16.0, shapes):.2f}" for r in RECIPES.values()],
@@ -103,3 +142,44 @@ def recipes_cmd(model):
     out.print(table)
     for r in RECIPES.values():
         out.print(f"[bold]{r.name}[/]: {r.description}")
+
+
+TARGETS = ("gguf", "onnx", "gpu")
+
+
+def target_problem(cls: str, scheme: str, target: str) -> str | None:
+    """Why a tensor of class `cls` stored as `scheme` cannot go to `target` (None when it can, bit for bit)."""
+    from nextq.convert import onnx_export
+
+    from .schemes import FLOAT_DTYPES, SCHEMES
+
+    if scheme == "keep" or scheme in FLOAT_DTYPES:
+        return None
+    s = SCHEMES[scheme]
+    if target == "gguf":
+        if s.gguf:
+            return None
+        return f"re-quantized to {s.gguf_nearest} (measured, printed)" if s.gguf_nearest else s.why_not("gguf")
+    if target == "onnx":
+        if cls == "embed":  # a Gather on a float table
+            return "quantized embeddings are not emitted (GatherBlockQuantized not implemented)"
+        if cls == "experts":
+            ok = scheme in onnx_export.EXPERT_FORMATS
+            return None if ok else (s.why_not("onnx") if not s.onnx else "QMoE takes int4_sym, fp8 or float experts")
+        return None if s.onnx else s.why_not("onnx")
+    if cls == "experts":  # gpu: routed experts run packed in the MoE kernels; other weights are dequantized at load
+        return None if s.gpu else s.why_not("gpu")
+    return None
+
+
+def target_cell(plan: dict, target: str, reasons: dict[str, str]) -> str:
+    """One cell of the recipe x target matrix: "yes", or each scheme that cannot go with its tensor classes; the
+    reasons are collected in `reasons` ("target scheme" -> why)."""
+    bad: dict[str, set[str]] = {}
+    for e in plan.values():
+        why = target_problem(e.cls, e.scheme, target)
+        if why is not None:
+            key = f"{target} {e.scheme}" + (" (embed)" if e.cls == "embed" and target == "onnx" else "")
+            reasons[key] = why
+            bad.setdefault(key.removeprefix(f"{target} "), set()).add(e.cls)
+    return "yes" if not bad else "; ".join(f"{k}: {', '.join(sorted(c))}" for k, c in sorted(bad.items()))

@@ -45,20 +45,26 @@ def _category(name: str) -> str:
     return "other"
 
 
-def llama_mix(mix: str, c: ModelConfig) -> dict[str, tuple[str, str]]:
-    """Canonical tensor name -> (scheme, why) for every quantizable matrix under llama.cpp mix `mix`."""
+def gguf_groups(c: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """(GGUF tensor name, canonical sources) of every quantizable GGUF matrix, in file order. A GGUF tensor has one
+    type, so its sources (all experts of a stacked tensor, DeltaNet q/k/v of attn_qkv) take one scheme together."""
     from nextq.convert import gguf_names
     from nextq.convert.gguf_export import layer_kinds_of
 
+    return [(pt.name, pt.sources) for pt in gguf_names.plan_tensors(c, layer_kinds_of(build_blocks(c)))
+            if not pt.rule.force_f32 and pt.name.endswith("weight")]
+
+
+def llama_mix(mix: str, c: ModelConfig) -> dict[str, tuple[str, str]]:
+    """Canonical tensor name -> (scheme, why) for every quantizable matrix under llama.cpp mix `mix`."""
     default = DEFAULT_TYPE[mix]
-    planned = [pt for pt in gguf_names.plan_tensors(c, layer_kinds_of(build_blocks(c)))
-               if not pt.rule.force_f32 and pt.name.endswith("weight")]
-    n_attn_v = sum(_category(pt.name) == "attn_v" for pt in planned)
+    planned = gguf_groups(c)
+    n_attn_v = sum(_category(name) == "attn_v" for name, _ in planned)
     n_layer_all = c.num_hidden_layers + c.mtp_num_hidden_layers
     i_attn_v = 0
     out: dict[str, tuple[str, str]] = {}
-    for pt in planned:
-        cat = _category(pt.name)
+    for gname, sources in planned:
+        cat = _category(gname)
         scheme, why = default, f"llama.cpp {mix}: default"
         if cat == "output":
             scheme, why = "q6_k", f"llama.cpp {mix}: output"
@@ -67,9 +73,9 @@ def llama_mix(mix: str, c: ModelConfig) -> dict[str, tuple[str, str]]:
                 scheme, why = "q6_k", f"llama.cpp {mix}: attn_v-like {i_attn_v}/{n_attn_v} use_more_bits"
             i_attn_v += 1
         elif cat == "ffn_down":
-            layer = int(re.match(r"blk\.(\d+)\.", pt.name).group(1))
+            layer = int(re.match(r"blk\.(\d+)\.", gname).group(1))
             if mix in MORE_BITS and use_more_bits(layer, n_layer_all):
                 scheme, why = "q6_k", f"llama.cpp {mix}: ffn_down layer {layer}/{n_layer_all} use_more_bits"
-        for s in pt.sources:
+        for s in sources:
             out[s] = (scheme, why)
     return out

@@ -96,7 +96,11 @@ def dequantize_float(qt: QuantizedTensor) -> torch.Tensor:
 
 
 NO_FP8_GGUF = (("gguf", "GGUF has no fp8 type (export with --requantize q8_0 or bf16)"),)
-NO_KQ_GPU = (("gpu", "no K-quant GEMM kernel: the GPU backend runs int4_sym, fp8 and float experts"),)
+NO_KQ_GPU = (("gpu", "no K-quant GEMM kernel: the GPU backend runs int4_sym, fp8 and float experts"),
+             ("onnx", "not emitted: a K-quant's exact int4/int8 form needs a float zero point per 32 (MatMulNBits "
+                      "with zero_points of type T) or an int8 re-layout; not implemented"))
+NO_INT8 = (("gpu", "no int8 GPU kernel"), ("onnx", "not emitted: MatMulNBits bits=8 (and GatherBlockQuantized for "
+                                                   "embeddings) would be exact; not implemented"))
 
 
 def _build() -> dict[str, Scheme]:
@@ -114,9 +118,9 @@ def _build() -> dict[str, Scheme]:
                               **q4))
     entries += [
         Scheme("int8_channel", quantize_int8_channel, dequantize_int8_channel, 8.0, 8, True, "row", None, "int8",
-               gguf_nearest="q8_0", onnx="MatMulNBits", no_target=(("gpu", "no int8 GPU kernel"),)),
+               gguf_nearest="q8_0", no_target=NO_INT8),
         Scheme("int8_g32", quantize_q8_0, dequantize_q8_0, 8 + 16 / 32, 8, True, "group", 32, "int8", k_multiple=32,
-               gguf="q8_0", onnx="MatMulNBits", fallback="f16", no_target=(("gpu", "no int8 GPU kernel"),)),
+               gguf="q8_0", no_target=NO_INT8),
         Scheme("fp8_channel", quantize_fp8_channel, dequantize_fp8_channel, 8.0, 8, True, "row", None, "fp8",
                onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
         Scheme("fp8_block128", quantize_fp8_block128, dequantize_fp8_tiles, 8 + 32 / (128 * 128), 8, True,
@@ -128,7 +132,7 @@ def _build() -> dict[str, Scheme]:
     for kq in KQUANTS.values():
         entries.append(Scheme(kq.name, kq.quantize, kq.dequantize, kq.bits_per_weight, int(kq.qmax).bit_length(),
                               not kq.asymmetric, "superblock", QK_K, "kquant", k_multiple=QK_K, calibratable=True,
-                              gguf=kq.name, onnx="MatMulNBits", fallback=fallbacks[kq.name],
+                              gguf=kq.name, fallback=fallbacks[kq.name],
                               data_shape=kq.data_shape, no_target=NO_KQ_GPU))
     for bt in GGUF_BLOCK_TYPES.values():
         entries.append(Scheme(bt.name, bt.quantize, bt.dequantize, bt.bits_per_weight, 5, bt.name == "q5_0", "group",

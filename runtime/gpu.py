@@ -19,6 +19,13 @@ split-half RoPE, softmax -> top-k MoE with a sigmoid-gated shared expert); diffe
 - caches are allocated once for `max_batch` x `max_seq`; a decode step reads the position from a device
   tensor, so the step is captured once per (batch, attention-length bucket) as a CUDA graph and replayed.
 Prefill always starts a new sequence (caches reset); `decode` accepts one token per sequence.
+
+Speculative decoding with the MTP head (greedy, batch 1), `generate_speculative_greedy(ids, steps, k)`: the head
+(its own KV cache, its one layer reused for each draft) drafts k tokens, one graph per draft step; the verify step
+runs the k + 1 tokens through the model as one captured graph, the DeltaNet conv and recurrent kernels token by
+token from the kept state with the state after each token written to its own slot (the kept state untouched);
+a captured commit graph copies the slot of the last accepted token back and moves the position (KV rows past it
+are masked by position and overwritten later). One host read per verify step: the accepted count.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch.nn.functional as F
 from nextq.errors import BackendError
 from nextq.graph import GatedDeltaNet, Graph, Layer, ModelConfig, SparseMoE, build_blocks, expected_tensors
 from nextq.quant import QuantizedTensor
+from nextq.quant.schemes import SCHEMES
 
 from . import cuda_ops  # noqa: F401  (registers the CUDA kernels of the custom ops)
 from .backends import Model, register_backend
@@ -49,15 +57,10 @@ TensorSource = Callable[[str], Any]
 
 
 def _expert_kind(t: Any) -> str:
+    """The expert packer a weight needs: the scheme registry's `gpu` field (the scheme's name when it has none)."""
     if isinstance(t, torch.Tensor):
         return "float"
-    if t.scheme.startswith("int4_sym"):
-        return "int4_sym"
-    if t.scheme.startswith("fp8_"):
-        return "fp8"
-    if t.scheme in ("bf16", "f16", "f32"):
-        return "float"
-    return t.scheme
+    return SCHEMES[t.scheme].gpu or t.scheme
 
 
 def _pack_int4(items: list, device, dtype):
@@ -93,6 +96,17 @@ def pack_experts(items: list, name: str, device, dtype):
 
 
 # ---- weights and caches ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class MtpWeights:
+    """The MTP head's device weights: fc [H, 2H] over concat(embed_norm(embed), hidden_norm(h)), its layers, norm."""
+
+    fc: torch.Tensor
+    embed_norm: torch.Tensor
+    hidden_norm: torch.Tensor
+    norm: torch.Tensor
+    layers: list[LayerWeights]
 
 
 @dataclass
@@ -136,6 +150,12 @@ class GpuModel:
         self.lm_head = self.embed if c.tie_word_embeddings else dense("lm_head.weight")
         self.final_norm = dense("norm.weight", keep32=True)
         self.layers = [self._load_layer(blk, get, dense) for blk in self.blocks]
+        mtp = next((b for b in build_blocks(c) if b.kind == "MTP"), None)
+        self.mtp = None
+        if mtp is not None and get("mtp.fc.weight") is not None:
+            self.mtp = MtpWeights(dense("mtp.fc.weight"), *(dense(f"mtp.{n}.weight", True)
+                                                            for n in ("embed_norm", "hidden_norm", "norm")),
+                                  [self._load_layer(layer, get, dense) for layer in mtp.layers])
         self._alloc_caches()
 
     @classmethod
@@ -211,7 +231,10 @@ class GpuModel:
 
     # -- blocks -----------------------------------------------------------------------------------------------
 
-    def deltanet(self, x: torch.Tensor, lw: LayerWeights, st: dict[str, torch.Tensor]) -> torch.Tensor:
+    def deltanet(self, x: torch.Tensor, lw: LayerWeights, st: dict[str, torch.Tensor], steps: bool = False
+                 ) -> torch.Tensor:
+        """steps (speculative verify): token by token from the kept state, the conv and recurrent state after token
+        i written to slot i of st["conv_steps"] / st["rec_steps"] [T_max, B, ...]; the kept state is not touched."""
         from .triton.conv_update import conv_into
         from .triton.gdr_chunk import gdr_chunk_into
         from .triton.gdr_recurrent import gdr_recurrent_into
@@ -227,14 +250,25 @@ class GpuModel:
         b_raw, a_raw = proj[..., ch + nz:ch + nz + nb], proj[..., ch + nz + nb:]
         qkv = torch.empty(b, t, ch, dtype=x.dtype, device=x.device)
         conv = st["conv"][:b]
-        conv_into(qkv_in, lw.mixer["conv"], conv, qkv, conv)  # state in place
+        if steps:
+            for i in range(t):
+                src = conv if i == 0 else st["conv_steps"][i - 1, :b]
+                conv_into(qkv_in[:, i:i + 1], lw.mixer["conv"], src, qkv[:, i:i + 1], st["conv_steps"][i, :b])
+        else:
+            conv_into(qkv_in, lw.mixer["conv"], conv, qkv, conv)  # state in place
         q = qkv[..., :nq].view(b, t, hk, dk)
         k = qkv[..., nq:nq + nk].view(b, t, hk, dk)
         v = qkv[..., nq + nk:].view(b, t, hv, dv)
         o = torch.empty(b, t, hv, dv, dtype=x.dtype, device=x.device)
         rec = st["rec"][:b]
-        if t == 1:  # gates computed in the kernel from the raw projections; state in place
-            gdr_recurrent_into(q, k, v, a_raw, b_raw, rec, o, rec, gates=(lw.mixer["A_log"], lw.mixer["dt_bias"]))
+        gates = (lw.mixer["A_log"], lw.mixer["dt_bias"])
+        if steps:
+            for i in range(t):
+                src, j = rec if i == 0 else st["rec_steps"][i - 1, :b], slice(i, i + 1)
+                gdr_recurrent_into(q[:, j], k[:, j], v[:, j], a_raw[:, j], b_raw[:, j], src, o[:, j],
+                                   st["rec_steps"][i, :b], gates=gates)
+        elif t == 1:  # gates computed in the kernel from the raw projections; state in place
+            gdr_recurrent_into(q, k, v, a_raw, b_raw, rec, o, rec, gates=gates)
         else:
             beta = torch.sigmoid(b_raw).contiguous()
             g = -lw.mixer["A_log"].exp() * F.softplus(a_raw.float() + lw.mixer["dt_bias"])  # log decay [B, T, Hv]
@@ -290,8 +324,9 @@ class GpuModel:
 
     # -- model ------------------------------------------------------------------------------------------------
 
-    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, fresh: bool, span: int) -> torch.Tensor:
-        """Final-normed hidden states [B, T, H]; updates the caches (positions: device [T])."""
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, fresh: bool, span: int, steps: bool = False
+                ) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H]; updates the caches (positions: device [T]; steps: see deltanet)."""
         from .triton.norms import add_rms_norm, rms_norm
 
         eps = self.config.rms_norm_eps
@@ -299,7 +334,7 @@ class GpuModel:
         h = rms_norm(x, self.layers[0].input_norm, self.layers[0].offsets["input"], eps)
         for i, (lw, st) in enumerate(zip(self.layers, self.cache)):
             if lw.kind == "deltanet":
-                m = self.deltanet(h, lw, st)
+                m = self.deltanet(h, lw, st, steps)
             else:
                 m = self.attention(h, lw, st, positions, fresh, span)
             x, h = add_rms_norm(x, m, lw.post_norm, lw.offsets["post"], eps)
@@ -315,6 +350,11 @@ class GpuModel:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Start new sequences: ids [B, T] -> fp32 logits of the last position [B, V] (all: [B, T, V])."""
+        h = self._prefill_hidden(ids)
+        return F.linear(h if all_logits else h[:, -1], self.lm_head).float()
+
+    def _prefill_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reset the caches and run ids [B, T] from position 0: final-normed hidden states [B, T, H]."""
         self._check_batch(ids)
         b, t = ids.shape
         if t > self.max_seq:
@@ -328,7 +368,7 @@ class GpuModel:
         h = self._hidden(ids, positions, fresh=True, span=t)
         self.pos.fill_(t)
         self.length, self.batch = t, b
-        return F.linear(h if all_logits else h[:, -1], self.lm_head).float()
+        return h
 
     def _step(self, b: int, span: int, greedy: bool) -> None:
         """One decode step on the static buffers (graph-capturable): ids_buf -> logits_buf, pos += 1."""
@@ -340,32 +380,37 @@ class GpuModel:
             self.ids_buf[:b].copy_(logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
 
-    def _graph(self, b: int, span: int, greedy: bool) -> torch.cuda.CUDAGraph:
-        key = (b, span, greedy)
+    def _capture(self, key: tuple, fn: Callable[[], None], keep: Callable[[], list[torch.Tensor]]
+                 ) -> torch.cuda.CUDAGraph:
+        """fn as a CUDA graph, captured once per key: a warm-up run first (it compiles the Triton kernels) on a
+        side stream, after which the tensors `keep()` lists get their values back, then the capture."""
         if key not in self.graphs:
-            # warm up (compiles the Triton kernels) on a copy of the state, then restore it and capture
-            saved = [{n: t[:b].clone() for n, t in st.items() if n in ("conv", "rec")} for st in self.cache]
-            pos, ids = self.pos.clone(), self.ids_buf.clone()
+            kept = keep()
+            saved = [t.clone() for t in kept]
             s = torch.cuda.Stream(self.device)
             s.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(s):
-                self._step(b, span, greedy)
+                fn()
             torch.cuda.current_stream(self.device).wait_stream(s)
-            for st, sv in zip(self.cache, saved):
-                for n, t in sv.items():
-                    st[n][:b].copy_(t)
-            self.pos.copy_(pos)
-            self.ids_buf.copy_(ids)
+            for t, sv in zip(kept, saved):
+                t.copy_(sv)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._step(b, span, greedy)
+                fn()
             self.graphs[key] = graph
         return self.graphs[key]
 
-    def _span(self) -> int:
-        need = self.length + 1
+    def _graph(self, b: int, span: int, greedy: bool) -> torch.cuda.CUDAGraph:
+        def keep():
+            return [t[:b] for st in self.cache for n, t in st.items() if n in ("conv", "rec")] + [self.pos, self.ids_buf]
+
+        return self._capture((b, span, greedy), lambda: self._step(b, span, greedy), keep)
+
+    def _span(self, need: int | None = None) -> int:
+        """Cache positions a step attends over for `need` positions (default: the next token), bucketed."""
+        need = self.length + 1 if need is None else need
         if need > self.max_seq:
             raise BackendError(f"sequence of {need} tokens exceeds max_seq={self.max_seq}")
         return min(self.max_seq, -(-need // ATTN_BUCKET) * ATTN_BUCKET)

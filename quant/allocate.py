@@ -1,0 +1,169 @@
+"""Bit allocation: `nextq quantize --target-bpw X` picks a scheme per GGUF tensor from measured sensitivity.
+
+Unit: one GGUF tensor (`quant.llama_mix.gguf_groups`: a layer's stacked experts of one projection, DeltaNet q/k/v as
+attn_qkv, ...), because a GGUF tensor has one type and every target keeps it whole. Candidates per unit: a ladder
+of schemes that fit its row length, cheapest first (K-quants where K is a multiple of 256, the 32-block types
+otherwise, as llama.cpp falls back):
+
+    K % 256 == 0   q4_k (4.5) < q5_k (5.5) < q6_k (6.56) < int8_g32 = Q8_0 (8.5)
+    K % 32 == 0    int4_sym_g32 = Q4_0 (4.5) < q5_0 (5.5) < int8_g32 (8.5)
+
+Sensitivity of a unit under scheme s: the output error its round-to-nearest weights cause on the calibration
+tokens, sum over sources of tr(E H E^T) with E = dequant(s(W)) - W and H = sum x x^T over the tokens each source
+really sees (an expert: the tokens routed to it), so experts are weighted by their routing frequency. Units without
+statistics (the embedding: a lookup, no matmul input) stay at their cheapest scheme. Allocation: start every unit
+at its cheapest candidate; while the budget allows, upgrade the unit with the largest error reduction per extra
+bit (greedy). The plan is a Recipe (one override per tensor),
+so quantization, calibration and every exporter run exactly as for a built-in recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from nextq.errors import RecipeError
+from nextq.graph import Graph
+
+from .llama_mix import gguf_groups
+from .recipes import KEEP, Override, Recipe, nominal_bits, plan_schemes
+from .schemes import SCHEMES, dequantize, quantize
+
+LADDERS: tuple[tuple[int, tuple[str, ...]], ...] = (  # (row multiple, candidates cheapest first)
+    (256, ("q4_k", "q5_k", "q6_k", "int8_g32")),
+    (32, ("int4_sym_g32", "q5_0", "int8_g32")),
+)
+
+
+@dataclass
+class Unit:
+    """One GGUF tensor: its canonical sources, candidate schemes and their (bits, error)."""
+
+    gguf: str
+    sources: tuple[str, ...]
+    params: int
+    candidates: tuple[str, ...]
+    errors: list[float]  # per candidate; 0.0 everywhere when unmeasured
+    measured: bool
+    choice: int = 0
+
+    @property
+    def bits(self) -> float:
+        return self.params * SCHEMES[self.candidates[self.choice]].bits_per_weight
+
+
+def ladder(k: int) -> tuple[str, ...]:
+    """Candidate schemes for rows of length k, cheapest first; () when none fits (the tensor stays as stored)."""
+    return next((c for m, c in LADDERS if k % m == 0), ())
+
+
+def output_error(w: torch.Tensor, scheme: str, h: torch.Tensor) -> float:
+    """tr(E H E^T) of round-to-nearest `scheme` on w `[N, K]` with H `[K, K]` (sum over tokens of x x^T)."""
+    e = (dequantize(quantize(w, scheme)) - w.float()).double()  # [N, K]
+    return float(((e @ h.double()) * e).sum())
+
+
+def measure(graph: Graph, stats, progress: Callable | None = None) -> list[Unit]:
+    """Every quantizable GGUF tensor with its candidates and their output errors on the calibration statistics."""
+    units = []
+    for gname, sources in gguf_groups(graph.config):
+        shape = tuple(graph.tensors[sources[0]].shape)
+        cands = ladder(shape[1]) if len(shape) == 2 else ()
+        params = sum(math.prod(graph.tensors[s].shape) for s in sources)
+        units.append(Unit(gname, sources, params, cands, [0.0] * len(cands), False))
+    for u in (progress(units) if progress else units):
+        found = [(s, stats.hessian(s)) for s in u.sources] if stats is not None else []
+        found = [(s, f) for s, f in found if f is not None and f[0] > 0]
+        if not u.candidates or not found:
+            continue
+        u.measured = True
+        for s, (_, h) in found:
+            w = graph.get(s).float()
+            for i, c in enumerate(u.candidates):
+                u.errors[i] += output_error(w, c, h)
+    return units
+
+
+def allocate(units: list[Unit], budget_bits: float, fixed_bits: float) -> float:
+    """Choose each unit's candidate so that fixed_bits + sum(unit bits) <= budget_bits with small total error.
+
+    Greedy: repeatedly the upgrade (of any unit, to any costlier candidate) with the largest error reduction per
+    extra bit that still fits; returns the bits used.
+    The caller checks that the cheapest choice fits (target_recipe says by how much it does not).
+    """
+    for u in units:
+        u.choice = 0
+    used = fixed_bits + sum(u.bits for u in units if u.candidates)
+    assert used <= budget_bits * (1 + 1e-9), (used, budget_bits)
+    while True:
+        best = None
+        for u in units:
+            if not u.measured or u.choice + 1 >= len(u.candidates):
+                continue
+            cur_b, cur_e = u.bits, u.errors[u.choice]
+            for j in range(u.choice + 1, len(u.candidates)):  # best slope among the upgrades of this unit
+                extra = u.params * SCHEMES[u.candidates[j]].bits_per_weight - cur_b
+                gain = cur_e - u.errors[j]
+                if extra > 0 and gain > 0 and used + extra <= budget_bits:
+                    if best is None or gain / extra > best[0]:
+                        best = (gain / extra, u, j, extra)
+        if best is None:
+            return used
+        _, u, j, extra = best
+        u.choice = j
+        used += extra
+
+
+def target_recipe(graph: Graph, target_bpw: float, stats, keep_bits: float = 16.0,
+                  progress: Callable | None = None) -> tuple[Recipe, list[Unit], dict]:
+    """The recipe meeting `target_bpw` (bits per weight over every tensor, scales included) with the least measured
+    output error, the units behind it, and a summary (target, reached, smallest and largest reachable)."""
+    if not math.isfinite(target_bpw) or target_bpw <= 0:
+        raise RecipeError(f"--target-bpw: expected a positive number of bits per weight, got {target_bpw}")
+    units = measure(graph, stats, progress)
+    shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
+    total = sum(math.prod(s) for s in shapes.values())
+    covered = {s for u in units if u.candidates for s in u.sources}
+    fixed = sum(math.prod(shapes[n]) * _stored_bits(graph, n, keep_bits) for n in shapes if n not in covered)
+    lo = (fixed + sum(u.params * SCHEMES[u.candidates[0]].bits_per_weight for u in units if u.candidates)) / total
+    hi = (fixed + sum(u.params * SCHEMES[u.candidates[-1]].bits_per_weight for u in units if u.candidates)) / total
+    if target_bpw < lo - 1e-9:
+        raise RecipeError(f"--target-bpw {target_bpw:g}: below the smallest reachable {lo:.3f} bits per weight on "
+                          f"this model (every quantizable tensor at its cheapest scheme: q4_k, or int4_sym_g32 where "
+                          f"rows are not a multiple of 256; the other {len(shapes) - len(covered)} tensors as stored)")
+    used = allocate(units, target_bpw * total, fixed)
+    overrides = tuple(Override(s, u.candidates[u.choice]) for u in units if u.candidates for s in u.sources)
+    recipe = Recipe(name=f"target-{target_bpw:g}bpw", overrides=overrides,
+                    description=f"measured allocation for {target_bpw:g} bits per weight (nextq quantize --target-bpw)")
+    plan_schemes(recipe, graph.config, shapes)  # the plan must be valid for every target
+    return recipe, units, {"target_bpw": target_bpw, "bpw": used / total, "min_bpw": lo, "max_bpw": hi}
+
+
+def _stored_bits(graph: Graph, name: str, keep_bits: float) -> float:
+    """Bits per element of a tensor left as stored (its dtype's width; `keep_bits` when unknown)."""
+    dtype = getattr(graph.tensors[name], "dtype", None)
+    return 8.0 * dtype.itemsize if isinstance(dtype, torch.dtype) else nominal_bits(KEEP, keep_bits)
+
+
+def plan_markdown(units: list[Unit], summary: Mapping) -> str:
+    """The allocation as a markdown table: one row per GGUF tensor."""
+    lines = [f"bit allocation: target {summary['target_bpw']:g} bits/weight, reached {summary['bpw']:.3f} "
+             f"(reachable {summary['min_bpw']:.3f} .. {summary['max_bpw']:.3f})", "",
+             "| GGUF tensor | sources | params | scheme | bits/w | output error (chosen / cheapest) |",
+             "|---|---:|---:|---|---:|---|"]
+    for u in units:
+        if not u.candidates:
+            continue
+        s = u.candidates[u.choice]
+        err = f"{u.errors[u.choice]:.3e} / {u.errors[0]:.3e}" if u.measured else "no statistics: cheapest"
+        lines.append(f"| {u.gguf} | {len(u.sources)} | {u.params} | {s} | {SCHEMES[s].bits_per_weight:.2f} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def plan_json(units: list[Unit], summary: Mapping) -> dict:
+    return {**summary, "units": [{"gguf": u.gguf, "sources": list(u.sources), "params": u.params,
+                                  "candidates": list(u.candidates), "errors": u.errors, "measured": u.measured,
+                                  "scheme": u.candidates[u.choice] if u.candidates else KEEP} for u in units]}
