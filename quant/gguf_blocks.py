@@ -48,6 +48,8 @@ class GGUFBlockType:
         """Float32 `[N, K]` (gguf.quants.dequantize)."""
         from gguf.quants import dequantize
 
+        if qt.data.device.type == "meta":  # a layout probe (nextq.untrusted): shapes only, gguf-py needs bytes
+            return torch.empty(qt.shape, dtype=torch.float32, device="meta")
         return torch.from_numpy(dequantize(qt.data.numpy(), self._type()).astype("float32")).reshape(qt.shape)
 
     def data_shape(self, n: int, k: int) -> tuple[int, int]:

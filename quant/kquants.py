@@ -371,6 +371,7 @@ class KQuant:
         n, k = qt.shape
         nb = k // QK_K
         b = qt.data.reshape(n, nb, self.block_bytes)
+        dev = b.device
         if self.asymmetric:
             d = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
             dmin = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
@@ -382,10 +383,11 @@ class KQuant:
             qs = b[..., at:at + 128].reshape(n, nb, 4, 1, 32)
             q = torch.cat((qs & 0x0F, qs >> 4), dim=3)  # [n, nb, 4, 2, 32]
             if qh is not None:
-                shifts = (2 * torch.arange(4, dtype=torch.uint8)[:, None] + torch.arange(2, dtype=torch.uint8))
+                shifts = (2 * torch.arange(4, dtype=torch.uint8, device=dev)[:, None]
+                          + torch.arange(2, dtype=torch.uint8, device=dev))
                 q = q | (((qh[:, :, None, None, :] >> shifts[..., None]) & 1) << 4)
             q = q.reshape(n, k).float()
-            p = KQParams(d, dmin, sc.float(), m.float(), torch.zeros(0))
+            p = KQParams(d, dmin, sc.float(), m.float(), torch.zeros(0, device=dev))
         else:
             ql = b[..., 0:128].reshape(n, nb, 2, 2, 32)  # [half][first|second 32 bytes][l]
             qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
@@ -393,9 +395,9 @@ class KQuant:
             d = b[..., 208:210].contiguous().view(torch.float16).float().squeeze(-1)
             lo = torch.stack((ql[:, :, :, 0] & 0xF, ql[:, :, :, 1] & 0xF, ql[:, :, :, 0] >> 4, ql[:, :, :, 1] >> 4),
                              dim=3)  # [n, nb, 2, 4, 32]
-            hi = (qh >> (2 * torch.arange(4, dtype=torch.uint8))[:, None]) & 3  # [n, nb, 2, 4, 32]
+            hi = (qh >> (2 * torch.arange(4, dtype=torch.uint8, device=dev))[:, None]) & 3  # [n, nb, 2, 4, 32]
             q = (lo | (hi << 4)).reshape(n, k).float()
-            p = KQParams(d, torch.zeros_like(d), sc, torch.zeros_like(sc), torch.zeros(0))
+            p = KQParams(d, torch.zeros_like(d), sc, torch.zeros_like(sc), torch.zeros(0, device=dev))
         return q, p
 
 

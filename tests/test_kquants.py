@@ -115,3 +115,73 @@ def test_encode_decode_round_trip(scheme):
 def test_kquant_refuses_rows_not_multiple_of_256(scheme):
     with pytest.raises(ValueError, match="not a multiple of group_size=256"):
         quantize(torch.randn(2, 384), scheme)
+
+
+# ---------------------------------------------------------------- whole files: recipes q4_k_m / q5_k_m / q6_k
+
+
+QUANTIZE_SCRIPT = """
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = int(sys.argv[3])
+p.nthread = 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+LLAMA_FTYPES = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+@pytest.fixture(scope="module")
+def wide_ir(tmp_path_factory):
+    """A random 2-layer Qwen3-Next + MTP whose rows are 256 wide except attention's output (K = 128: llama.cpp
+    falls back from K-quants there), as an IR and as nextq's F32 GGUF."""
+    import sys
+
+    from nextq.convert.cli import convert
+    from nextq.convert.gguf_export import export_gguf
+    from nextq.graph import Graph
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import build_checkpoint, write_fixture_tokenizer
+
+    root = tmp_path_factory.mktemp("kq-wide")
+    ck = build_checkpoint(root / "hf", "base", mtp=True, hidden_size=256, intermediate_size=256,
+                          moe_intermediate_size=256, shared_expert_intermediate_size=256, head_dim=32,
+                          linear_key_head_dim=64, linear_value_head_dim=64, num_hidden_layers=2,
+                          layer_types=["linear_attention", "full_attention"])
+    write_fixture_tokenizer(ck, 96)
+    convert(str(ck), root / "ir", force=True)
+    export_gguf(Graph.load(root / "ir"), root / "f32.gguf")
+    return root
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q6_k"])
+def test_recipe_gguf_equals_llama_quantize(wide_ir, mix, tmp_path):
+    """nextq's q4_k_m / q6_k (round to nearest) written as GGUF = llama_model_quantize of the same F32 model:
+    every tensor's type (llama.cpp's own per-tensor rules, the 256 fallback included) and every byte."""
+    import subprocess
+    import sys
+
+    from gguf import GGUFReader
+
+    from nextq.convert.gguf_export import export_gguf
+    from nextq.graph import Graph
+    from nextq.quant.apply import quantize_graph
+    from nextq.quant.recipes import RECIPES
+
+    theirs = tmp_path / "llama.gguf"
+    r = subprocess.run([sys.executable, "-c", QUANTIZE_SCRIPT, str(wide_ir / "f32.gguf"), str(theirs),
+                        str(LLAMA_FTYPES[mix])], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    quantize_graph(Graph.load(wide_ir / "ir"), RECIPES[mix], tmp_path / "ir")
+    ours = tmp_path / "nextq.gguf"
+    export_gguf(Graph.load(tmp_path / "ir"), ours)
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert sorted(a) == sorted(b)
+    types = {n: (a[n].tensor_type.name, b[n].tensor_type.name) for n in a}
+    assert {n: t for n, t in types.items() if t[0] != t[1]} == {}  # same type for every tensor
+    assert "Q6_K" in {t for t, _ in types.values()} and (mix != "q4_k_m" or "Q5_0" in {t for t, _ in types.values()})
+    # tensor data byte for byte (flattened: llama-quantize writes the shared-expert gate [256] where nextq writes
+    # [256, 1], the same values)
+    differ = [n for n in a if not np.array_equal(np.asarray(a[n].data).ravel(), np.asarray(b[n].data).ravel())]
+    assert differ == []
