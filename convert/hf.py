@@ -62,6 +62,7 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str 
 
 ROPE_NUMBERS = ("rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings", "beta_fast",
                 "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
+ROPE_REQUIRED_NUMBERS = ("rope_theta", "partial_rotary_factor")  # read with float(): null is not a default
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -75,13 +76,17 @@ def check_config_json(cfg: dict, where: str) -> None:
     need(text is None or isinstance(text, dict), f"{where}: text_config", "expected a JSON object")
     for d, w in ((cfg, where), *([(text, f"{where}: text_config")] if text is not None else [])):
         check_json_fields(ModelConfig, d, w, POSITIVE_FIELDS, TOKEN_ID_FIELDS, skip=("rope_scaling",))
+        ropes = [(w, d)]
         for key in ("rope_parameters", "rope_scaling"):
             rope = d.get(key) or {}
             need(isinstance(rope, dict), f"{w}: {key}", f"expected a JSON object, got {rope!r:.60}")
+            ropes.append((f"{w}: {key}", rope))
+        for rw, rope in ropes:
             for k in ROPE_NUMBERS:
                 v = rope.get(k)
-                need(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2 ** 63,
-                     f"{w}: {key}.{k}", f"expected a number, got {v!r:.60}")
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2 ** 63
+                need(ok or v is None and (k not in rope or k not in ROPE_REQUIRED_NUMBERS), f"{rw}: {k}",
+                     f"expected a number, got {v!r:.60}")
         interval = d.get("full_attention_interval", 1)
         need(isinstance(interval, int) and interval >= 1, f"{w}: full_attention_interval",
              f"expected an integer >= 1, got {interval!r:.60}")

@@ -619,7 +619,7 @@ def _check_layout(name: str, meta: dict[str, Any], parts: dict[str, StoredTensor
     stored = ", ".join(f"{k} {st.dtype} {list(st.shape)}" for k, st in parts.items()) or "nothing"
     try:
         out = QuantizedTensor.from_tensors(name, fake, meta).dequantize()
-    except (ValueError, RuntimeError, IndexError) as e:
+    except (ValueError, RuntimeError, IndexError, AttributeError, KeyError) as e:  # e.g. a part missing: None
         raise CheckpointError(f"{where}: stored {stored}: not a {meta['scheme']} layout of shape "
                               f"{meta['shape']} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     except (TypeError, NotImplementedError):  # "can't convert meta device type tensor to numpy" and the like

@@ -65,7 +65,9 @@ def _ir_files(d: Path) -> list[Path]:
 
 
 def _all_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(d).parts))
+    """Everything but directories and hidden names: a FIFO, socket or dangling link is listed, then refused."""
+    return sorted(p for p in d.rglob("*")
+                  if not p.is_dir() and not any(s.startswith(".") for s in p.relative_to(d).parts))
 
 
 def _find_ir(d: Path) -> list[Path]:
@@ -156,8 +158,7 @@ def find_artifacts(directory: Path) -> list[Artifact]:
     arts = []
     for kind, k in KINDS.items():
         for p in k.find(directory):
-            files = tuple((regular_file_inside(directory, f, f"{kind} file"), f.relative_to(directory).as_posix())
-                          for f in k.files(p))
+            files = tuple((f, f.relative_to(directory).as_posix()) for f in k.files(p))
             arts.append(Artifact(kind, p, _repo_path(p, directory), files))
     return arts
 
@@ -458,8 +459,8 @@ def make_plan(directory: str | Path, repo_id: str, *, include: list[str] | None 
     files += reports
     lic = irs[0].path / "LICENSE"
     if lic.is_file() and "LICENSE" not in {p for _, p in files}:
-        files.append((regular_file_inside(directory, lic, "LICENSE"), "LICENSE"))  # the source's license travels with the weights
-    files = list(dict.fromkeys(files))
+        files.append((lic, "LICENSE"))  # the source's license travels with the weights
+    files = [(regular_file_inside(directory, p, "upload"), rp) for p, rp in dict.fromkeys(files)]
     if "README.md" in {p for _, p in files}:
         files = [f for f in files if f[1] != "README.md"]  # the generated card replaces a carried README
     card = build_card(repo_id, irs[0].path, chosen, matched, [rp for _, rp in reports], base_model, license)

@@ -36,6 +36,7 @@ INT64 = 1 << 63
 MAX_JSON_BYTES = 1 << 30  # graph.json of an 80B model with every expert quantized: ~25 MB
 MAX_JSON_DEPTH = 64
 MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+MAX_NAME, MAX_PATH = 255, 4096  # bytes in one path component / a whole path (Linux NAME_MAX, PATH_MAX)
 
 
 def need(ok: bool, where: str, msg: str) -> None:
@@ -64,7 +65,13 @@ def resolve_inside(directory: str | Path, name: object, what: str) -> Path:
         raise InputError(f"{directory}: {what}: expected a file name, got {name!r}")
     parts = PurePosixPath(name).parts
     if PurePosixPath(name).is_absolute() or ".." in parts or "\0" in name or "\\" in name:
-        raise UnsafePathError(f"{directory}: {what} {name!r} is not a plain relative path inside the directory")
+        raise UnsafePathError(f"{directory}: {what} {name!r:.200} is not a plain relative path inside the directory")
+    try:
+        too_long = len(name.encode()) > MAX_PATH or max(len(p.encode()) for p in parts) > MAX_NAME
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file can have this name
+        raise InputError(f"{directory}: {what} {name!r:.200} is not a valid file name") from None
+    if too_long:
+        raise InputError(f"{directory}: {what} {name[:60]!r}...: longer than a file name can be")
     root = containment_root(directory)
     real = Path(os.path.realpath(directory / name))
     if real != root and root not in real.parents:

@@ -211,7 +211,7 @@ def recipe_from_dict(doc: Mapping[str, Any], default_name: str, where: str) -> R
     if unknown:
         raise RecipeError(f"{where}: unknown field(s) {unknown}; expected: {', '.join(FILE_KEYS)}")
     base = doc.get("base")
-    if base is not None and base not in RECIPES:
+    if base is not None and (not isinstance(base, str) or base not in RECIPES):
         raise RecipeError(f"{where}: field base: unknown built-in {base!r}; built-ins: {', '.join(RECIPES)}")
     start = RECIPES[base].classes() if base else {}
     schemes = doc.get("schemes", {})

@@ -1,0 +1,507 @@
+"""Seeded mutation fuzzer for nextq's readers: every mutant must end in a clean nextq error or read fine.
+
+    python scripts/fuzz_readers.py --n 10000 [--readers gguf,ir,ir-quant,hf,report,recipe] [--seed 0]
+                                   [--workers 2] [--budget-s S] [--work DIR]
+
+Seeds, built from the embedded model: its Hugging Face checkpoint (hf), the converted IR (ir), the IR quantized
+with `nextq quantize --recipe int4 --no-calibrate` (ir-quant), its GGUF export (gguf, Q4_0 experts), a validation
+report and a recipe TOML. Mutants: byte flips and boundary values (0, 1, 2^31 - 1, 2^32 - 1, 2^63, 2^64 - 1 ...)
+in the first 64 KiB of the binary files, truncations; JSON documents (graph.json, config.json, index.json, the
+report) with keys dropped, types changed, huge shapes, names pointing outside the directory (absolute, `../`,
+a symlink); TOML with values retyped, lines dropped, bytes flipped. Each mutant is read in a worker process:
+IR and HF graphs load every tensor (quantized ones are dequantized), GGUF imports whole.
+
+Outcomes: clean (a nextq error), accepted (read fine), raw (any other exception: a bug), escape (the reader opened
+or listed a path outside the mutant's directory, seen by an audit hook on open / listdir / scandir / glob /
+copyfile, with symlinks resolved), hang (more than --timeout-s of the worker's CPU time, so that a loaded machine
+does not count, or 12x that in wall time for a reader blocked without CPU; the worker is killed). A worker may not
+allocate more than --max-alloc-gib above its start (RLIMIT_AS): a header claiming 2^40 elements that reached an
+allocation would be a MemoryError, a raw outcome. Exit status 1 if any mutant is raw, escape or hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+OUTCOMES = ("clean", "accepted", "raw", "escape", "hang")
+WALL_FACTOR = 12  # a mutant blocked (no CPU used) for this many times --timeout-s of wall time is a hang too
+POLL_S = 0.2
+HEAD = 1 << 16  # byte mutations land in the first 64 KiB (headers, metadata)
+BOUNDARY_INTS = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 2**31 - 1, 2**31, 2**32 - 1, 2**40, 2**63 - 1, 2**63,
+                 2**64 - 1)
+OUTSIDE_NAMES = ("../outside.safetensors", "../../outside.safetensors", "/etc/hostname", "../../../etc/hostname",
+                 "sub/../../outside.safetensors", "./../outside.safetensors", "link.safetensors")
+ODD_VALUES: tuple[Any, ...] = (None, True, False, 0, -1, 2**64, 1e308, float("nan"), "", "x" * 300, "float32",
+                               [], {}, [[[[[]]]]], [2**40, 2**40], {"a": 1})
+RECIPE = """name = "fuzz"
+base = "int4"
+description = "fuzzing seed"
+
+[schemes]
+experts = "int4_sym_g32"
+lm_head = "int8_g32"
+router = "keep"
+
+[[overrides]]
+pattern = "layers.0.ffn.experts.*"
+scheme = "int8_g32"
+"""
+
+
+# ---- mutators -------------------------------------------------------------------------------------------------
+
+
+def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
+    """Byte flips, boundary values or a truncation, in the first 64 KiB."""
+    b = bytearray(data)
+    head = min(len(b), HEAD)
+    kind = rng.choice(("flip", "flip", "boundary", "boundary", "truncate"))
+    if kind == "truncate" or not head:
+        return bytes(b[:rng.choice((0, 4, 8, 12, 24, rng.randrange(max(1, head)), rng.randrange(max(1, len(b)))))])
+    for _ in range(rng.choice((1, 1, 2, 4, 16))):
+        at = rng.randrange(head)
+        if kind == "flip":
+            b[at] ^= 1 << rng.randrange(8) if rng.random() < 0.7 else rng.randrange(1, 256)
+        else:
+            v = rng.choice(BOUNDARY_INTS)
+            width = rng.choice((1, 2, 4, 8))
+            at -= at % width if rng.random() < 0.5 else 0
+            b[at:at + width] = (v % (1 << 8 * width)).to_bytes(width, "little")
+    return bytes(b[:len(data)])
+
+
+def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path (tuple of keys / indices) inside a JSON document, sampled so that big documents stay cheap."""
+    out = [prefix]
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc[:8]):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _get(doc: Any, path: tuple) -> Any:
+    for p in path:
+        doc = doc[p]
+    return doc
+
+
+def mutate_json(doc: Any, rng: random.Random, names: tuple[str, ...]) -> Any:
+    """One structural mutation: a key dropped, a value retyped, a shape made huge, a name pointed outside."""
+    doc = json.loads(json.dumps(doc))
+    paths = [p for p in _paths(doc) if p]
+    kind = rng.choice(("drop", "retype", "retype", "shape", "outside"))
+    if kind == "shape":
+        shapes = [p for p in paths if p[-1] == "shape"]
+        if shapes:
+            p = rng.choice(shapes)
+            _get(doc, p[:-1])[p[-1]] = rng.choice(([2**40, 2**40], [2**63], [-1, 4], [0], [], [1] * 9, "big"))
+            return doc
+    if kind == "outside":
+        named = [p for p in paths if p[-1] in names or (len(p) > 1 and p[-2] in names)]
+        if named:
+            p = rng.choice(named)
+            _get(doc, p[:-1])[p[-1]] = rng.choice(OUTSIDE_NAMES)
+            return doc
+    p = rng.choice(paths)
+    parent = _get(doc, p[:-1])
+    if kind == "drop":
+        del parent[p[-1]]
+    else:
+        parent[p[-1]] = rng.choice(ODD_VALUES)
+    return doc
+
+
+def mutate_toml(text: str, rng: random.Random) -> bytes:
+    lines = text.splitlines()
+    kind = rng.choice(("retype", "drop", "bytes"))
+    if kind == "bytes":
+        return mutate_bytes(text.encode(), rng)
+    i = rng.randrange(len(lines))
+    if kind == "drop":
+        del lines[i]
+    elif "=" in lines[i]:
+        key = lines[i].split("=", 1)[0]
+        lines[i] = key + "= " + rng.choice(('1', 'true', '[1, 2]', '{a = 1}', '"x"', '[[1]]', '2e400', '"int4_sym_g7"',
+                                            '"../x"', '[' * 2000))
+    else:
+        lines[i] = rng.choice(("[schemes]", "[[overrides]]", "[overrides]", "x = ", "[[schemes]]"))
+    return ("\n".join(lines) + "\n").encode()
+
+
+# ---- seeds and mutants ----------------------------------------------------------------------------------------
+
+
+def build_seeds(work: Path) -> dict[str, Path]:
+    """The embedded model as hf / ir / ir-quant / gguf seeds, plus a report and a recipe (built once in `work`)."""
+    from nextq.cli import main
+    from nextq.pipeline import embedded_model
+
+    seeds = work / "seeds"
+    out = {"hf": embedded_model(), "ir": seeds / "ir", "ir-quant": seeds / "ir-quant", "gguf": seeds / "model.gguf",
+           "report": seeds / "report.json", "recipe": seeds / "recipe.toml"}
+    steps = [(out["ir"], ["convert", str(out["hf"]), "-o", str(out["ir"])]),
+             (out["ir-quant"], ["quantize", str(out["ir"]), "-o", str(out["ir-quant"]), "--recipe", "int4",
+                                "--no-calibrate"]),
+             (out["gguf"], ["export", "gguf", str(out["ir-quant"]), "-o", str(out["gguf"])])]
+    for target, argv in steps:
+        if not target.exists():
+            main(argv, standalone_mode=False)
+    seeds.mkdir(parents=True, exist_ok=True)
+    out["report"].write_text(json.dumps(sample_report(), indent=1))
+    out["recipe"].write_text(RECIPE)
+    out["bait"] = work / "outside.safetensors"  # a valid shard outside every mutant directory
+    shutil.copyfile(next(out["ir"].glob("*.safetensors")), out["bait"])
+    return out
+
+
+def sample_report() -> dict[str, Any]:
+    """A valid `nextq validate` report (REPORT_SCHEMA) with per-layer drift."""
+    from nextq.validate.report import validate_doc
+
+    metrics = {"ppl_reference": 49.4, "ppl_candidate": 49.56, "ppl_ratio": 1.0033, "ppl_increase": 0.0033,
+               "kld_mean": 0.0037, "kld_p99": 0.03, "kld_max": 0.2, "top1": 0.942, "logit_err_max": 1.1,
+               "logit_err_mean": 0.1, "positions": 4080}
+    layer = {"layer": 0, "mixer": "GatedDeltaNet", "ffn": "SparseMoE", "cumulative_rel": 0.01, "local_rel": 0.01,
+             "mixer_rel": 0.002, "ffn_rel": 0.009, "router_flip": 0.01}
+    doc = {"format": "nextq-validate-report", "version": 1, "nextq_version": "0.1.0",
+           "created": "2026-01-01T00:00:00+00:00", "passed": True,
+           "candidate": {"path": "quantized", "backend": "torch"}, "reference": {"path": "tiny", "backend": "torch"},
+           "corpus": {"name": "heldout", "sha256": "0" * 64, "tokens": 5000, "window": 256, "stride": 256,
+                      "windows": 16, "scored_tokens": 4080},
+           "metrics": metrics, "thresholds": {"max_ppl_increase": 0.02, "max_kld": 0.02, "min_top1": 0.9},
+           "checks": [{"name": "kld_mean", "value": 0.0037, "op": "<=", "limit": 0.02, "passed": True}],
+           "kld_histogram": {"edges": [0.0, 0.1], "counts": [4080]},
+           "layers": {"reference": "torch", "windows": 16, "per_layer": [layer], "worst_layer": 0,
+                      "top_experts": [{"layer": 0, "expert": 3, "sq_err": 0.1, "rel_err": 0.01, "tokens": 50}]},
+           "cache": {"enabled": False, "hit": False, "mode": "none"},
+           "timing": {"reference_s": 1.0, "candidate_s": 1.0, "candidate_tokens_per_s": 100.0}, "files": {}}
+    assert validate_doc(doc) == [], validate_doc(doc)
+    return doc
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    """dst as a copy of src's files, hard-linked (mutations replace files, never write through a link)."""
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file():
+            try:
+                os.link(p, dst / p.name)
+            except OSError:
+                shutil.copyfile(p, dst / p.name)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink(missing_ok=True)
+    path.write_bytes(data)
+
+
+def make_mutant(reader: str, seeds: dict[str, Path], slot: Path, rng: random.Random) -> Path:
+    """Write one mutant of `reader`'s seed under `slot` (emptied first); returns the path to read."""
+    if slot.exists():
+        shutil.rmtree(slot)
+    slot.mkdir(parents=True)
+    bait = seeds["bait"]
+    for where in (slot, slot.parent):  # what `../x` and `../../x` from the mutant directory find
+        if not (where / bait.name).exists():
+            os.link(bait, where / bait.name)
+    if reader == "gguf":
+        out = slot / "model.gguf"
+        out.write_bytes(mutate_bytes(seeds["gguf"].read_bytes(), rng))
+        return out
+    if reader == "report":
+        out = slot / "report.json"
+        doc = json.loads(seeds["report"].read_text())
+        out.write_bytes(mutate_bytes(json.dumps(doc).encode(), rng) if rng.random() < 0.3 else
+                        json.dumps(mutate_json(doc, rng, ("path",))).encode())
+        return out
+    if reader == "recipe":
+        out = slot / "recipe.toml"
+        out.write_bytes(mutate_toml(seeds["recipe"].read_text(), rng))
+        return out
+    d = slot / "model"
+    _copy_dir(seeds[reader], d)
+    shard = sorted(d.glob("*.safetensors"))[0]
+    doc_name = "graph.json" if reader != "hf" else rng.choice(("config.json", "model.safetensors.index.json"))
+    kind = rng.choice(("doc", "doc", "shard", "symlink"))
+    if kind == "shard":
+        _replace(shard, mutate_bytes(shard.read_bytes(), rng))
+    elif kind == "symlink":
+        shard.unlink()
+        shard.symlink_to(rng.choice((bait, Path("/etc/hostname"))))
+    else:
+        if reader != "hf":  # graph.json may name it; an HF directory would list it (refused, hiding the mutation)
+            (d / "link.safetensors").symlink_to(bait)
+        if doc_name == "model.safetensors.index.json":
+            from nextq.storage import read_header
+
+            doc: Any = {"metadata": {}, "weight_map": {k: shard.name for k in read_header(shard)}}
+        else:
+            doc = json.loads((d / doc_name).read_text())
+        names = ("shard", "assets") if reader != "hf" else ("weight_map",)
+        if rng.random() < 0.15:
+            data = mutate_bytes(json.dumps(doc).encode(), rng)
+        else:
+            data = json.dumps(mutate_json(doc, rng, names)).encode()
+        _replace(d / doc_name, data)
+    return d
+
+
+# ---- the readers (run in the worker) --------------------------------------------------------------------------
+
+
+def _read_graph(path: str) -> None:
+    import nextq
+
+    g = nextq.read(path)
+    for name in g.tensors:
+        t = g.get(name)
+        if hasattr(t, "dequantize"):
+            t.dequantize()
+
+
+def _read_hf(path: str) -> None:
+    from nextq.convert.hf import read_hf
+
+    g = read_hf(path, hash_shards=False)
+    for name in g.tensors:
+        g.get(name)
+
+
+def _read_report(path: str) -> None:
+    from nextq.validate.report import read_report
+
+    read_report(path)
+
+
+def _read_recipe(path: str) -> None:
+    from nextq.quant.recipes import load_recipe_file
+
+    load_recipe_file(Path(path))
+
+
+READERS: dict[str, Callable[[str], None]] = {
+    "gguf": _read_graph, "ir": _read_graph, "ir-quant": _read_graph, "hf": _read_hf, "report": _read_report,
+    "recipe": _read_recipe,
+}
+AUDITED = {"open", "os.listdir", "os.scandir", "glob.glob", "shutil.copyfile", "os.readlink"}
+
+
+def worker(max_alloc_gib: float, warm: list[str]) -> None:
+    """Read mutants named on stdin (one JSON line each), answer one JSON line each on stdout. Each seed in `warm`
+    ("reader=path") is read once first, so that lazy imports and first-call costs do not count as a hang."""
+    import resource
+    import traceback
+
+    from nextq.errors import NextqError
+
+    for spec in warm:
+        reader, path = spec.split("=", 1)
+        READERS[reader](path)
+    state: dict[str, Any] = {"root": None, "escapes": []}
+    allowed = tuple(os.path.realpath(p) + os.sep for p in {
+        sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.__file__), "/proc", "/sys", "/dev",
+        str(Path(__import__("nextq").__file__).resolve().parents[1]), os.environ.get("TMPDIR", "/tmp/none")})
+
+    def audit(event: str, args: tuple) -> None:
+        if event not in AUDITED or state["root"] is None or not args or not isinstance(args[0], (str, bytes, Path)):
+            return
+        p = os.path.realpath(os.fsdecode(args[0]))
+        if not (p + os.sep).startswith((state["root"], *allowed)):
+            state["escapes"].append(f"{event} {p}")
+
+    vm = int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmSize:"))) * 1024
+    limit = vm + int(max_alloc_gib * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    sys.addaudithook(audit)
+    print(json.dumps({"ready": True}), flush=True)  # imports done: the driver's clock starts with the first mutant
+    for line in sys.stdin:
+        job = json.loads(line)
+        state["root"], state["escapes"] = os.path.realpath(job["root"]) + os.sep, []
+        try:
+            READERS[job["reader"]](job["path"])
+            outcome, detail = "accepted", ""
+        except NextqError as e:
+            outcome, detail = "clean", str(e)[:300]
+        except Exception as e:  # noqa: BLE001  (the point: anything else is a bug, reported with where it came from)
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            outcome, detail = "raw", f"{type(e).__name__}: {str(e)[:200]} ({tb.filename}:{tb.lineno})"
+        state["root"] = None
+        if state["escapes"]:
+            outcome, detail = "escape", "; ".join(state["escapes"][:3])
+        print(json.dumps({"outcome": outcome, "detail": detail}), flush=True)
+
+
+# ---- the driver -----------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """One worker process with its mutant slot; restarted after a hang."""
+
+    def __init__(self, slot: Path, args: argparse.Namespace, warm: dict[str, Path]):
+        self.slot, self.args, self.warm = slot, args, warm
+        self.tmp = slot.parent / f"{slot.name}-tmp"
+        self.start()
+
+    def start(self) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(self.tmp)}
+        cmd = [sys.executable, __file__, "--worker", "--max-alloc-gib", str(self.args.max_alloc_gib),
+               *(f"--warm={r}={p}" for r, p in self.warm.items())]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        if not self.proc.stdout.readline():
+            raise RuntimeError(f"fuzz worker failed to start ({self.proc.wait()})")
+        self.job: dict[str, Any] | None = None
+
+    def cpu_s(self) -> float:
+        """CPU seconds the worker has used (user + system, /proc/PID/stat)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def overdue(self) -> str | None:
+        """Why the current mutant counts as a hang: over the CPU limit, or over the wall limit (blocked)."""
+        cpu, wall = self.cpu_s() - self.cpu0, time.monotonic() - self.t0
+        if cpu > self.args.timeout_s:
+            return f"{cpu:.1f} s of CPU time (limit {self.args.timeout_s} s)"
+        if wall > WALL_FACTOR * self.args.timeout_s:
+            return f"no answer in {wall:.0f} s of wall time ({cpu:.1f} s CPU): blocked"
+        return None
+
+    def submit(self, job: dict[str, Any]) -> None:
+        self.job, self.t0, self.cpu0 = job, time.monotonic(), self.cpu_s()
+        self.proc.stdin.write(json.dumps({k: str(v) for k, v in job.items() if k in ("reader", "path", "root")})
+                              + "\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited ({self.proc.wait()}) while reading {self.job}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        return json.loads(line)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.start()
+
+
+def run(args: argparse.Namespace, n_per_reader: dict[str, int] | None = None) -> dict[str, Counter]:
+    """Fuzz `args.readers` with `args.n` mutants each (or `n_per_reader[r]`); print the table; return the counts."""
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = build_seeds(work)
+    readers = args.readers.split(",")
+    unknown = [r for r in readers if r not in READERS]
+    if unknown:
+        raise SystemExit(f"--readers: unknown {unknown}; known: {', '.join(READERS)}")
+    n_of = n_per_reader or dict.fromkeys(readers, args.n)
+    # interleaved: a time budget cuts every reader alike
+    jobs = ((i, r) for i in range(max(n_of.values())) for r in readers if i < n_of[r])
+    counts: dict[str, Counter] = {r: Counter() for r in readers}
+    examples: dict[tuple[str, str], str] = {}
+    warm = {r: seeds[r] for r in readers}
+    workers = [Worker(work / "m" / f"w{i}" / "slot", args, warm) for i in range(args.workers)]
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    done = False
+    t_start = time.monotonic()
+
+    def feed(w: Worker) -> None:
+        nonlocal done
+        if done or (deadline and time.monotonic() > deadline):
+            done = True
+            return
+        try:
+            i, r = next(jobs)
+        except StopIteration:
+            done = True
+            return
+        rng = random.Random(f"{args.seed}:{r}:{i}")
+        path = make_mutant(r, seeds, w.slot, rng)
+        w.submit({"reader": r, "path": path, "root": path if path.is_dir() else path.parent, "i": i})
+
+    for w in workers:
+        feed(w)
+    while any(w.job for w in workers):
+        busy = [w for w in workers if w.job]
+        ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], POLL_S)
+        for w in busy:
+            job = w.job
+            if w.proc.stdout in ready:
+                res = w.result()
+            elif why := w.overdue():
+                w.kill()
+                res = {"outcome": "hang", "detail": why}
+            else:
+                continue
+            r = job["reader"]
+            counts[r][res["outcome"]] += 1
+            examples.setdefault((r, res["outcome"]), f"#{job['i']}: {res['detail']}")
+            if res["outcome"] in ("raw", "escape", "hang"):
+                print(f"{r} #{job['i']} {res['outcome']}: {res['detail']}", file=sys.stderr, flush=True)
+                keep = work / "findings" / f"{r}-{job['i']}"
+                if not keep.exists():
+                    shutil.copytree(w.slot, keep, symlinks=True)
+            w.job = None
+            feed(w)
+    for w in workers:
+        w.proc.stdin.close()
+        w.proc.wait()
+    wall = time.monotonic() - t_start
+    print(f"{'reader':<10}" + "".join(f"{o:>10}" for o in OUTCOMES) + f"{'n':>8}")
+    for r, c in counts.items():
+        print(f"{r:<10}" + "".join(f"{c[o]:>10}" for o in OUTCOMES) + f"{sum(c.values()):>8}")
+    print(f"seed {args.seed}, {args.workers} workers, {wall:.0f} s wall")
+    for (r, o), ex in sorted(examples.items()):
+        print(f"  e.g. {r} {o}: {ex[:240]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"counts": counts, "wall_s": wall, "seed": args.seed,
+                                               "examples": {f"{r} {o}": e for (r, o), e in examples.items()}},
+                                              indent=1))
+    return counts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=300, help="mutants per reader")
+    ap.add_argument("--readers", default=",".join(READERS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--timeout-s", type=float, default=5.0, help="a mutant using more CPU seconds is a hang")
+    ap.add_argument("--max-alloc-gib", type=float, default=2.0, help="address space a worker may add (RLIMIT_AS)")
+    ap.add_argument("--budget-s", type=float, default=0, help="stop feeding new mutants after this many seconds")
+    ap.add_argument("--work", default="fuzz-work", help="scratch directory (seeds, mutants, findings)")
+    ap.add_argument("--json", help="write the counts and examples here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--warm", action="append", default=[], help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.max_alloc_gib, args.warm)
+        return 0
+    counts = run(args)
+    bad = sum(c[o] for c in counts.values() for o in ("raw", "escape", "hang"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

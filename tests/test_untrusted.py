@@ -1,0 +1,225 @@
+"""Untrusted input (nextq/untrusted.py): names never leave their directory, headers are checked before any
+allocation, publish uploads only regular files inside DIR, the CLI answers bad input with one error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import nextq
+from nextq.cli import main
+from nextq.errors import InputError, NextqError, UnsafePathError
+from nextq.graph import Graph
+from nextq.pipeline import embedded_model
+
+
+@pytest.fixture(scope="module")
+def ir(tmp_path_factory) -> Path:
+    """The embedded model as an IR directory (float, one shard)."""
+    out = tmp_path_factory.mktemp("untrusted") / "seed-ir"
+    nextq.read(embedded_model()).save(out)
+    return out
+
+
+@pytest.fixture
+def evil(ir: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the IR at tmp/evil, with a valid shard copy beside it (what `../` names would find)."""
+    d = tmp_path / "evil"
+    shutil.copytree(ir, d)
+    shutil.copyfile(d / "shard-00001.safetensors", tmp_path / "outside.safetensors")
+    return d
+
+
+def edit_graph(d: Path, fn) -> None:
+    doc = json.loads((d / "graph.json").read_text())
+    fn(doc)
+    (d / "graph.json").write_text(json.dumps(doc))
+
+
+def one_error_line(*argv) -> str:
+    """Run the CLI; expect a non-zero exit and exactly one output line, `error: ...` (no traceback)."""
+    res = CliRunner().invoke(main, [str(a) for a in argv])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code not in (0, None) and res.exception is None or isinstance(res.exception, SystemExit), \
+        res.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+# ---- the three escapes and a symlink --------------------------------------------------------------------------
+
+
+def test_asset_outside_the_directory_is_refused_and_never_published(evil: Path):
+    edit_graph(evil, lambda doc: doc["assets"].append("../../../etc/hostname"))
+    with pytest.raises(UnsafePathError, match=r"asset '\.\./\.\./\.\./etc/hostname' is not a plain relative path"):
+        Graph.load(evil)
+    from nextq.publish import make_plan
+
+    with pytest.raises(UnsafePathError):
+        make_plan(evil, "me/model", allow_unvalidated=True)
+    line = one_error_line("publish", evil, "--repo-id", "me/model", "--dry-run", "--allow-unvalidated")
+    assert "etc/hostname" in line and "not a plain relative path" in line
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_shard_outside_the_directory_is_refused(evil: Path, how: str):
+    outside = evil.parent / "outside.safetensors"  # a valid shard: only the path check can refuse it
+    if how == "symlink":
+        (evil / "shard-00001.safetensors").unlink()
+        (evil / "shard-00001.safetensors").symlink_to(outside)
+        expect = r"resolves to .*outside\.safetensors, outside"
+    else:
+        name = str(outside) if how == "absolute" else "../outside.safetensors"
+        edit_graph(evil, lambda doc: doc["tensors"]["embed.weight"].update(shard=name))
+        expect = r"shard '.*outside\.safetensors' is not a plain relative path inside the directory"
+    with pytest.raises(UnsafePathError, match=expect):
+        Graph.load(evil)
+    assert "error: " in one_error_line("inspect", evil)
+
+
+def test_symlink_inside_the_directory_is_fine(evil: Path):
+    (evil / "sub").mkdir()
+    (evil / "shard-00001.safetensors").rename(evil / "sub" / "real.safetensors")
+    (evil / "shard-00001.safetensors").symlink_to("sub/real.safetensors")
+    g = Graph.load(evil)
+    assert g.get("embed.weight").shape == (g.config.vocab_size, g.config.hidden_size)
+
+
+def test_hf_index_shard_outside_is_refused(tmp_path: Path):
+    src = tmp_path / "hf"
+    shutil.copytree(embedded_model(), src)
+    shutil.copyfile(src / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    from nextq.storage import read_header
+
+    keys = read_header(src / "model.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "../elsewhere.safetensors" for k in keys}}))
+    with pytest.raises(UnsafePathError, match=r"shard '\.\./elsewhere\.safetensors'"):
+        nextq.read(src)
+
+
+def test_hub_cache_snapshot_may_point_into_its_blobs(tmp_path: Path):
+    """A Hub cache snapshot's files are symlinks to ../../blobs: inside the repo's cache folder, so accepted."""
+    repo = tmp_path / "models--o--tiny"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in embedded_model().iterdir():
+        shutil.copyfile(p, repo / "blobs" / p.name)
+        (snap / p.name).symlink_to(Path("../../blobs") / p.name)
+    assert len(nextq.read(snap).tensors) > 0
+
+
+# ---- allow-lists and bounds -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda d: d["tensors"]["embed.weight"].update(dtype="Tensor"), r"dtype 'Tensor', supported: float64"),
+    (lambda d: d["tensors"]["norm.weight"].update(shape=[2 ** 40, 2 ** 40]), r"graph.json says \w+ \[1099511627776, 1099511627776\], shard-00001.safetensors stores"),
+    (lambda d: d["config"].update(hidden_size="32"), r"field hidden_size: expected int, got '32'"),
+    (lambda d: d["config"].update(linear_num_key_heads=0), r"field linear_num_key_heads: expected integers >= 1"),
+    (lambda d: d["config"].pop("vocab_size"), r"missing field\(s\) \['vocab_size'\]"),
+    (lambda d: d["tensors"]["embed.weight"].update(extra=1), r"unknown field\(s\) \['extra'\]"),
+    (lambda d: d.update(tensors=[]), r"tensors: expected a JSON dict"),
+])
+def test_graph_json_schema(evil: Path, edit, expect):
+    edit_graph(evil, edit)
+    with pytest.raises(NextqError, match=expect):
+        Graph.load(evil)
+
+
+def test_safetensors_header_claiming_2_40_elements_is_refused_before_allocation(tmp_path: Path):
+    from nextq.storage import read_header
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2 ** 20, 2 ** 20], "data_offsets": [0, 16]}}).encode()
+    p = tmp_path / "big.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    tracemalloc.start()
+    with pytest.raises(InputError, match=r"shape \[1048576, 1048576\] of F32 is 4398046511104 bytes"):
+        read_header(p)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak  # nothing near the claimed 4 TiB was allocated (bound: 1 MiB of Python objects)
+
+
+def gguf_bytes(dims: list[int], data: int) -> bytes:
+    """A minimal GGUF v3: general.architecture = qwen3next, one F32 tensor token_embd.weight of `dims`."""
+    def s(x: str) -> bytes:
+        return struct.pack("<Q", len(x)) + x.encode()
+
+    kv = s("general.architecture") + struct.pack("<I", 8) + s("qwen3next")
+    info = s("token_embd.weight") + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+    info += struct.pack("<IQ", 0, 0)  # F32, offset 0
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv + info
+    return head + b"\0" * (-len(head) % 32) + b"\0" * data
+
+
+def test_gguf_header_claiming_2_40_elements_is_refused_before_allocation(tmp_path: Path):
+    import nextq.convert.gguf_import  # noqa: F401  (imported outside the measurement)
+
+    p = tmp_path / "big.gguf"
+    p.write_bytes(gguf_bytes([2 ** 20, 2 ** 20], 64))
+    tracemalloc.start()
+    with pytest.raises(InputError, match=r"tensor 'token_embd.weight': dims \[1048576, 1048576\] need 4398046511104"):
+        nextq.read(p)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert "token_embd.weight" in one_error_line("inspect", p)
+
+
+@pytest.mark.parametrize("cut", [0, 3, 20, 60])
+def test_truncated_gguf_is_one_clean_error(tmp_path: Path, cut: int):
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(gguf_bytes([4, 4], 64)[:cut])
+    with pytest.raises(InputError):
+        nextq.read(p)
+
+
+# ---- publish: regular files inside DIR only -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["symlink", "fifo"])
+def test_publish_refuses_anything_but_regular_files_inside(ir: Path, tmp_path: Path, how: str):
+    from nextq.publish import make_plan
+
+    d = tmp_path / "out"
+    shutil.copytree(ir, d)
+    (d / "onnx").mkdir()
+    (d / "onnx" / "model.onnx").write_bytes(b"\0" * 16)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    if how == "symlink":
+        (d / "onnx" / "model.onnx.data").symlink_to(secret)
+        expect = r"upload 'onnx/model.onnx.data' resolves to .*secret\.txt, outside"
+    else:
+        os.mkfifo(d / "onnx" / "model.onnx.data")
+        expect = r"model\.onnx\.data: upload is not a regular file"
+    with pytest.raises(UnsafePathError, match=expect):
+        make_plan(d, "me/model", allow_unvalidated=True)
+    assert make_plan(d, "me/model", include=["ir"], allow_unvalidated=True).files  # the IR alone is fine
+
+
+# ---- the CLI: one line, non-zero exit, nothing written --------------------------------------------------------
+
+
+def test_cli_bad_ir_is_one_line_and_writes_nothing(evil: Path, tmp_path: Path):
+    (evil / "graph.json").write_bytes(b'{"format": "nextq-ir", "version": 1, "config": {"vocab_size": [')
+    line = one_error_line("export", "gguf", evil, "-o", tmp_path / "out.gguf")
+    assert "graph.json: not valid JSON" in line
+    assert not (tmp_path / "out.gguf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil", "outside.safetensors"]  # no temporary left
+
+
+def test_cli_unreadable_input_is_one_line(tmp_path: Path):
+    d = tmp_path / "ir"
+    d.mkdir()
+    (d / "graph.json").mkdir()  # a directory where a file is expected
+    assert one_error_line("inspect", d).startswith("error: ")
