@@ -443,6 +443,141 @@ class GpuModel:
         return torch.cat(out, dim=1)
 
 
+    # -- speculative decoding with the MTP head (greedy, batch 1) ---------------------------------------------
+
+    def _spec_buffers(self, t_max: int) -> dict[str, torch.Tensor]:
+        """Buffers of verify passes of up to t_max tokens (per-position DeltaNet state slots, ids, hidden states,
+        the target's picks) and the MTP head's KV cache and inputs; allocated once (graphs keep their addresses)."""
+        if getattr(self, "spec", None) is not None and self.spec["vids"].shape[1] >= t_max:
+            return self.spec
+        if self.mtp is None:
+            raise BackendError("this model has no MTP head; speculative decoding needs one")
+        c, b, dev = self.config, self.max_batch, self.device
+        for lw, st in zip(self.layers, self.cache):
+            if lw.kind == "deltanet":
+                st["conv_steps"] = st["conv"].new_zeros(t_max, *st["conv"].shape)
+                st["rec_steps"] = st["rec"].new_zeros(t_max, *st["rec"].shape)
+        shape = (b, c.num_key_value_heads, self.max_seq, c.head_dim)
+        self.mtp_cache = [{"k": torch.zeros(shape, device=dev, dtype=self.dtype),
+                           "v": torch.zeros(shape, device=dev, dtype=self.dtype)} for _ in self.mtp.layers]
+        self.mtp_pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graphs = {k: g for k, g in self.graphs.items() if k[0] not in ("verify", "commit", "mtp")}
+        self.spec = {
+            "arange": torch.arange(t_max, device=dev),
+            "vids": torch.zeros(b, t_max, dtype=torch.long, device=dev),  # [last token, d1 .. dk]
+            "vtok": torch.zeros(b, t_max, dtype=torch.long, device=dev),  # the target's pick after each
+            "vh": torch.zeros(b, t_max, c.hidden_size, device=dev, dtype=self.dtype),
+            "mids": torch.zeros(b, t_max, dtype=torch.long, device=dev),  # MTP input pairs: (mh, mids)
+            "mh": torch.zeros(b, t_max, c.hidden_size, device=dev, dtype=self.dtype)}
+        return self.spec
+
+    def _mtp_forward(self, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, fresh: bool,
+                     span: int) -> torch.Tensor:
+        """The MTP head over pairs (final-normed hidden h_t [B, T, H], token x_{t+1} ids [B, T]) at `positions`:
+        its normed output [B, T, H]; writes its KV cache."""
+        from .triton.norms import add_rms_norm, rms_norm
+
+        m, eps, off = self.mtp, self.config.rms_norm_eps, self.offsets
+        e = rms_norm(F.embedding(ids, self.embed), m.embed_norm, off["mtp.embed_norm.weight"], eps)
+        h = rms_norm(hidden.contiguous(), m.hidden_norm, off["mtp.hidden_norm.weight"], eps)
+        x = F.linear(torch.cat([e, h], dim=-1), m.fc)
+        h = rms_norm(x, m.layers[0].input_norm, m.layers[0].offsets["input"], eps)
+        for i, (lw, st) in enumerate(zip(m.layers, self.mtp_cache)):
+            x, h = add_rms_norm(x, self.attention(h, lw, st, positions, fresh, span), lw.post_norm,
+                                lw.offsets["post"], eps)
+            nxt = m.layers[i + 1] if i + 1 < len(m.layers) else None
+            w, o = (nxt.input_norm, nxt.offsets["input"]) if nxt else (m.norm, off["mtp.norm.weight"])
+            x, h = add_rms_norm(x, self.ffn(h, lw), w, o, eps)
+        return h
+
+    def _mtp_emit(self, h: torch.Tensor, b: int, slot: int) -> None:
+        """From the head's output h [B, T, H]: its draft (argmax at the last pair) into verify slot `slot`, and the
+        next draft step's input pair (h at the last pair, the draft)."""
+        sp = self.spec
+        tok = F.linear(h[:, -1], self.lm_head).argmax(-1, keepdim=True)  # [B, 1]
+        sp["vids"][:b, slot:slot + 1].copy_(tok)
+        sp["mids"][:b, :1].copy_(tok)
+        sp["mh"][:b, :1].copy_(h[:, -1:])
+
+    def _mtp_step(self, b: int, t: int, span: int, slot: int) -> None:
+        """Draft step (graph-capturable): the head over its t pending pairs (mh, mids) from mtp_pos; draft -> slot."""
+        sp = self.spec
+        h = self._mtp_forward(sp["mids"][:b, :t], sp["mh"][:b, :t], self.mtp_pos + sp["arange"][:t], False, span)
+        self._mtp_emit(h, b, slot)
+        self.mtp_pos.add_(t)
+
+    def _verify_step(self, b: int, t: int, span: int) -> None:
+        """Verify step (graph-capturable): vids [B, t] at positions pos .. pos+t-1 -> hidden states and the target's
+        greedy pick after each; per-position DeltaNet states into the slots, KV rows written, pos not moved."""
+        sp = self.spec
+        h = self._hidden(sp["vids"][:b, :t], self.pos + sp["arange"][:t], fresh=False, span=span, steps=True)
+        sp["vh"][:b, :t].copy_(h)
+        sp["vtok"][:b, :t].copy_(F.linear(h, self.lm_head).argmax(-1))
+
+    def _commit(self, b: int, n: int) -> None:
+        """Keep the first n verified tokens (graph-capturable): DeltaNet states from slot n-1, pos += n; the head's
+        next input pairs (h at those n positions, the target's picks) and the next verify's first token."""
+        for lw, st in zip(self.layers, self.cache):
+            if lw.kind == "deltanet":
+                st["conv"][:b].copy_(st["conv_steps"][n - 1, :b])
+                st["rec"][:b].copy_(st["rec_steps"][n - 1, :b])
+        sp = self.spec
+        sp["mh"][:b, :n].copy_(sp["vh"][:b, :n])
+        sp["mids"][:b, :n].copy_(sp["vtok"][:b, :n])
+        sp["vids"][:b, :1].copy_(sp["vtok"][:b, n - 1:n])
+        self.pos.add_(n)
+
+    def _spec_graph(self, kind: str, b: int, *args: int) -> torch.cuda.CUDAGraph:
+        """The captured draft ("mtp": t, span, slot), verify ("verify": t, span) or commit ("commit": n) step."""
+        sp = self.spec
+        fns = {"mtp": self._mtp_step, "verify": self._verify_step, "commit": self._commit}
+
+        def keep():  # what a warm-up run changes that the graph reads (KV rows past the position aside)
+            states = [st[n] for st in self.cache for n in ("conv", "rec", "conv_steps", "rec_steps") if n in st]
+            return [*states, self.pos, self.mtp_pos, *(sp[n] for n in ("vids", "vtok", "vh", "mids", "mh"))]
+
+        return self._capture((kind, b, *args), lambda: fns[kind](b, *args), keep)
+
+    @torch.no_grad()
+    def generate_speculative_greedy(self, ids: torch.Tensor, steps: int, k: int) -> tuple[torch.Tensor, dict]:
+        """Greedy decoding of `steps` tokens after the prompt ids [1, T], the MTP head drafting k per verify step.
+
+        Every step is a graph replay; the host reads one number per verify step (the accepted count). Returns the
+        new ids [1, steps] (device) and counts {drafted, accepted, verify_steps}.
+        """
+        from .speculative import check_draft_tokens
+
+        check_draft_tokens(k)
+        if ids.shape[0] != 1:
+            raise BackendError(f"speculative decoding runs one sequence; got ids of shape {tuple(ids.shape)}")
+        sp, b = self._spec_buffers(k + 1), 1
+        h = self._prefill_hidden(ids)
+        first = F.linear(h[:, -1], self.lm_head).argmax(-1, keepdim=True)  # [1, 1]
+        t = ids.shape[1]
+        pairs = torch.cat([ids.to(self.device)[:, 1:], first], dim=1)  # (h_p, x_{p+1}) over the prompt
+        self._mtp_emit(self._mtp_forward(pairs, h, torch.arange(t, device=self.device), True, t), b, 1)
+        sp["vids"][:b, :1].copy_(first)
+        mtp_len = t
+        self.mtp_pos.fill_(mtp_len)
+        out, n_out, counts = [first], 1, {"drafted": 0, "accepted": 0, "verify_steps": 0}
+        while n_out < steps:
+            for i in range(1, k):  # drafts 2 .. k from the head's own output
+                self._spec_graph("mtp", b, 1, self._span(mtp_len + i + 1), i + 1).replay()
+            self._spec_graph("verify", b, k + 1, self._span(self.length + k + 1)).replay()
+            n = int((sp["vids"][:b, 1:k + 1] == sp["vtok"][:b, :k]).int().cumprod(-1).sum())  # accepted drafts
+            out.append(sp["vtok"][:b, :n + 1].clone())
+            n_out += n + 1
+            counts["drafted"] += k
+            counts["accepted"] += n
+            counts["verify_steps"] += 1
+            self._spec_graph("commit", b, n + 1).replay()
+            self.length += n + 1
+            self.mtp_pos.fill_(mtp_len)  # drop the draft steps' pairs; the true ones come next
+            self._spec_graph("mtp", b, n + 1, self._span(mtp_len + n + 1), 1).replay()
+            mtp_len += n + 1
+        return torch.cat(out, dim=1)[:, :steps], counts
+
+
 @register_backend("gpu")
 class GpuBackend(Model):
     """nextq's GPU executor (runtime/gpu.py) over an IR directory: bf16 compute, experts packed."""
