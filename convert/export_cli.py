@@ -17,6 +17,9 @@ def _mount() -> None:
     from .onnx_export import onnx_cmd
 
     export_group.add_command(onnx_cmd)
+    from .hf_export import hf_cmd
+
+    export_group.add_command(hf_cmd)
 
 
 _mount()
