@@ -23,12 +23,19 @@ FP32_SUFFIXES = ("A_log", "dt_bias")
 
 @dataclass
 class LayerState:
-    """Decode state of one layer: KV cache [B, Hkv, S, D] or conv [B, C, K-1] + recurrent [B, Hv, Dk, Dv]."""
+    """Decode state of one layer: KV cache [B, Hkv, S, D] or conv [B, C, K-1] + recurrent [B, Hv, Dk, Dv].
+
+    With `keep_steps` (speculative verify passes), a DeltaNet layer also keeps the state after each of the T
+    tokens it was just fed: conv_steps [B, T, C, K-1], recurrent_steps [B, T, Hv, Dk, Dv].
+    """
 
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     conv: torch.Tensor | None = None
     recurrent: torch.Tensor | None = None
+    keep_steps: bool = False
+    conv_steps: torch.Tensor | None = None
+    recurrent_steps: torch.Tensor | None = None
 
 
 @dataclass
@@ -131,11 +138,21 @@ class TorchModel:
         if st.conv is None:
             st.conv = x.new_zeros(b, qkv.shape[-1], c.linear_conv_kernel_dim - 1)
             st.recurrent = torch.zeros(b, hv, dk, dv, device=x.device)
+        if st.keep_steps:  # the conv state after token i is the window i+1 .. i+K-1 of [state, inputs]
+            xs = torch.cat([st.conv.to(qkv.dtype), qkv.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+            st.conv_steps = xs.unfold(-1, st.conv.shape[-1], 1)[:, :, 1:].transpose(1, 2).contiguous()
         qkv, st.conv = torch.ops.nextq.causal_conv1d(qkv, w[f"{p}.conv.weight"], st.conv)
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
-        o, st.recurrent = torch.ops.nextq.gated_delta_rule(
-            q.reshape(b, t, hk, dk), k.reshape(b, t, hk, dk), v.reshape(b, t, hv, dv), g, beta.to(x.dtype), st.recurrent
-        )
+        args = (q.reshape(b, t, hk, dk), k.reshape(b, t, hk, dk), v.reshape(b, t, hv, dv), g, beta.to(x.dtype))
+        if st.keep_steps:  # token by token (the decode op itself), keeping the state after each
+            outs, steps = [], []
+            for i in range(t):
+                o_i, st.recurrent = torch.ops.nextq.gated_delta_rule(*(a[:, i:i + 1] for a in args), st.recurrent)
+                outs.append(o_i)
+                steps.append(st.recurrent)
+            o, st.recurrent_steps = torch.cat(outs, dim=1), torch.stack(steps, dim=1)
+        else:
+            o, st.recurrent = torch.ops.nextq.gated_delta_rule(*args, st.recurrent)
         o = gated_rms_norm(o, z, w[f"{p}.norm.weight"], c.rms_norm_eps)
         return F.linear(o.reshape(b, t, hv * dv), w[f"{p}.out.weight"])
 
@@ -203,18 +220,36 @@ class TorchModel:
         with few_threads(ids.numel(), self.device):
             return F.linear(self.hidden(ids, state or self.new_state()), self.lm_head)
 
-    @torch.no_grad()
-    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
-        """The MTP head's logits for token t+2 from final-normed hidden h_t [B, T, H] and token t+1 ids [B, T].
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] from final-normed hidden states [B, T, H] (the tied embedding when tied)."""
+        return F.linear(h, self.lm_head)
 
-        Whole-sequence (no cache): the draft model for speculative decoding runs through the exporters.
-        """
+    def new_mtp_state(self) -> State:
+        """An empty KV state for the MTP head's own layers."""
         if self.mtp is None:
             raise ValueError("this model has no MTP head")
-        e = self.norm(F.embedding(next_ids.to(self.device), self.w["embed.weight"]), "mtp.embed_norm.weight")
-        h = self.norm(hidden, "mtp.hidden_norm.weight")
-        x = F.linear(torch.cat([e, h], dim=-1), self.w["mtp.fc.weight"])
-        positions = torch.arange(x.shape[1], device=self.device)
-        for layer in self.mtp.layers:
-            x = self.layer(x, layer, LayerState(), positions)
-        return F.linear(self.norm(x, "mtp.norm.weight"), self.lm_head)
+        return State([LayerState() for _ in self.mtp.layers])
+
+    @torch.no_grad()
+    def mtp_step(self, hidden: torch.Tensor, next_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP head over pairs (h_t, x_{t+1}): final-normed hidden h_t [B, T, H], token t+1 ids [B, T].
+
+        Continues the head's own KV `state` (RoPE positions state.position ..) and advances it. Returns logits
+        [B, T, V] for token t+2 and the head's normed output [B, T, H], the hidden input of the next draft step.
+        """
+        with few_threads(next_ids.numel(), self.device):
+            e = self.norm(F.embedding(next_ids.to(self.device), self.w["embed.weight"]), "mtp.embed_norm.weight")
+            h = self.norm(hidden.to(self.device, self.dtype), "mtp.hidden_norm.weight")
+            x = F.linear(torch.cat([e, h], dim=-1), self.w["mtp.fc.weight"])
+            positions = torch.arange(state.position, state.position + x.shape[1], device=self.device)
+            for layer, st in zip(self.mtp.layers, state.layers):
+                x = self.layer(x, layer, st, positions)
+            state.position += x.shape[1]
+            h = self.norm(x, "mtp.norm.weight")
+            return self.head(h), h
+
+    @torch.no_grad()
+    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """The MTP head's logits [B, T, V] for token t+2 from final-normed hidden h_t [B, T, H] and token t+1 ids
+        [B, T], over a whole sequence from an empty KV state."""
+        return self.mtp_step(hidden, next_ids, self.new_mtp_state())[0]
