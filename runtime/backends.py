@@ -131,15 +131,21 @@ class Model(ABC):
                 on_text(text[len(shown):])
                 shown = text
 
+        return self.generate_ids(ids, max_new_tokens, sampling, stream, speculative, draft_tokens, stats)
+
+    def generate_ids(self, ids: np.ndarray, max_new_tokens: int, sampling: Sampling,
+                     on_token: Callable[[np.ndarray], None] | None = None, speculative: str | None = None,
+                     draft_tokens: int = 2, stats=None) -> np.ndarray:
+        """New tokens [B, N] after ids [B, T] (see `generate`), each streamed to `on_token` as ids [B]."""
         if speculative is None:
-            return generate(self, ids, max_new_tokens, sampling, self.stop_ids, stream)
+            return generate(self, ids, max_new_tokens, sampling, self.stop_ids, on_token)
         from .speculative import METHODS, check_draft_tokens
 
         if speculative not in METHODS:
             raise BackendError(f"speculative method {speculative!r} is not known; known: {sorted(METHODS)}")
         check_draft_tokens(draft_tokens)
         return METHODS[speculative](self.drafter(speculative), ids, max_new_tokens, sampling, draft_tokens,
-                                    self.stop_ids, stream, stats)
+                                    self.stop_ids, on_token, stats)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "path": str(self.path), "device": self.device}

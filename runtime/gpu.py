@@ -404,7 +404,8 @@ class GpuModel:
 
     def _graph(self, b: int, span: int, greedy: bool) -> torch.cuda.CUDAGraph:
         def keep():
-            return [t[:b] for st in self.cache for n, t in st.items() if n in ("conv", "rec")] + [self.pos, self.ids_buf]
+            states = [t[:b] for st in self.cache for n, t in st.items() if n in ("conv", "rec")]
+            return [*states, self.pos, self.ids_buf]
 
         return self._capture((b, span, greedy), lambda: self._step(b, span, greedy), keep)
 
@@ -606,3 +607,26 @@ class GpuBackend(Model):
         for i in range(ids.shape[1]):
             out = self.model.decode(ids[:, i:i + 1])
         return out.cpu().numpy()
+
+    def generate_ids(self, ids, max_new_tokens, sampling, on_token=None, speculative=None, draft_tokens=2,
+                     stats=None):
+        """Speculative decoding here is GpuModel.generate_speculative_greedy: greedy, no penalties, batch 1."""
+        if speculative is None:
+            return super().generate_ids(ids, max_new_tokens, sampling, on_token)
+        penalties = sampling.repetition_penalty != 1 or sampling.presence_penalty
+        if speculative != "mtp" or sampling.temperature or penalties:
+            raise BackendError("the gpu backend drafts greedily: --speculative mtp needs --temperature 0 and no "
+                               "penalties here (sampled speculative decoding runs on the torch and ort backends)")
+        if self.model.mtp is None:
+            raise BackendError(f"{self.path}: the model has no MTP head; --speculative {speculative} needs one")
+        new, counts = self.model.generate_speculative_greedy(self._ids(ids), max_new_tokens, draft_tokens)
+        new = new.cpu().numpy()
+        stop = np.isin(new[0], list(self.stop_ids)).nonzero()[0]
+        new = new[:, :stop[0] + 1] if stop.size else new
+        for t in new.T:
+            if on_token is not None:
+                on_token(t)
+        if stats is not None:
+            stats.drafted, stats.accepted, stats.verify_steps = (counts[f] for f in ("drafted", "accepted",
+                                                                                     "verify_steps"))
+        return new

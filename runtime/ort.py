@@ -139,7 +139,8 @@ class OrtBackend(Model):
 
     def drafter(self, method):
         if not self.mtp_path.is_file():
-            raise BackendError(f"{self.path}: no mtp.onnx (the model has no MTP head); --speculative {method} needs one")
+            raise BackendError(f"{self.path}: no mtp.onnx (the model has no MTP head); --speculative {method} "
+                               f"needs one")
         return OrtDrafter(self)
 
     def describe(self):
