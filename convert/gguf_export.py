@@ -7,7 +7,7 @@ and a weight computed in row blocks (the direct path's embeddings and LM head) b
 come from `gguf_names`; this module decides types, encodes data and writes.
 
 Types. `--type` applies to dense (float) weights: `auto` keeps each weight's IR dtype (f32/f16/bf16), or pick
-f32|f16|bf16|q8_0|q6_k|q5_1|q5_k|q5_0|q4_1|q4_k|q4_0. Quantized IR weights map onto the GGUF type with the same math
+f32|f16|bf16|q8_0|q6_k|q5_1|q5_k|q5_0|q4_1|q4_k|q4_0|q3_k. Quantized IR weights map onto the GGUF type with the same math
 (the scheme registry's `gguf`), copied bit for bit (K-quants and Q5_0/Q5_1 are stored as GGUF blocks in the IR):
     int4_sym_g32 -> Q4_0    int4_asym_g32 -> Q4_1    int8_g32 -> Q8_0    (f32/f16/bf16 pass-through -> same)
 Other schemes are re-quantized to the nearest GGUF type (int4 g64/g128 -> Q4_0/Q4_1, int8_channel -> Q8_0) with a
@@ -39,7 +39,7 @@ from nextq.quant.schemes import SCHEMES
 
 from . import gguf_names as names
 
-GGML_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
+GGML_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "q3_k")
 # the scheme registry says which GGUF type has a scheme's math (blocks copied without re-quantizing) and which
 # nearest type the others are re-quantized to (with a warning); fp8 has neither
 NATIVE = {name: s.gguf for name, s in SCHEMES.items() if s.gguf}
@@ -47,8 +47,8 @@ NEAREST = {name: s.gguf_nearest for name, s in SCHEMES.items() if not s.gguf and
 # most precise first: a GGUF tensor built from sources of different types takes the most precise one
 PRECISION = GGML_TYPES
 # llama_ftype of a file whose largest weights are of that type (K-quants: the _M mixes llama.cpp names them by)
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 15, "q5_k": 17,
-              "q6_k": 18, "bf16": 32}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q3_k": 12, "q4_k": 15,
+              "q5_k": 17, "q6_k": 18, "bf16": 32}
 QWEN2_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                       r"\s*[\r\n]+|\s+(?!\S)|\s+")
 # Qwen3.5's split: letters include combining marks (llama.cpp LLAMA_VOCAB_PRE_TYPE_QWEN35, src/llama-vocab.cpp)

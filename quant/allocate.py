@@ -5,7 +5,7 @@ attn_qkv, ...), because a GGUF tensor has one type and every target keeps it who
 of schemes that fit its row length, cheapest first (K-quants where K is a multiple of 256, the 32-block types
 otherwise, as llama.cpp falls back):
 
-    K % 256 == 0   q4_k (4.5) < q5_k (5.5) < q6_k (6.56) < int8_g32 = Q8_0 (8.5)
+    K % 256 == 0   q3_k (3.44) < q4_k (4.5) < q5_k (5.5) < q6_k (6.56) < int8_g32 = Q8_0 (8.5)
     K % 32 == 0    int4_sym_g32 = Q4_0 (4.5) < q5_0 (5.5) < int8_g32 (8.5)
 
 Sensitivity of a unit under scheme s: the output error its round-to-nearest weights cause on the calibration
@@ -33,7 +33,7 @@ from .recipes import KEEP, Override, Recipe, nominal_bits, plan_schemes
 from .schemes import SCHEMES, dequantize, quantize
 
 LADDERS: tuple[tuple[int, tuple[str, ...]], ...] = (  # (row multiple, candidates cheapest first)
-    (256, ("q4_k", "q5_k", "q6_k", "int8_g32")),
+    (256, ("q3_k", "q4_k", "q5_k", "q6_k", "int8_g32")),
     (32, ("int4_sym_g32", "q5_0", "int8_g32")),
 )
 
@@ -132,7 +132,7 @@ def target_recipe(graph: Graph, target_bpw: float, stats, keep_bits: float = 16.
     hi = (fixed + sum(u.params * SCHEMES[u.candidates[-1]].bits_per_weight for u in units if u.candidates)) / total
     if target_bpw < lo - 1e-9:
         raise RecipeError(f"--target-bpw {target_bpw:g}: below the smallest reachable {lo:.3f} bits per weight on "
-                          f"this model (every quantizable tensor at its cheapest scheme: q4_k, or int4_sym_g32 where "
+                          f"this model (every quantizable tensor at its cheapest scheme: q3_k, or int4_sym_g32 where "
                           f"rows are not a multiple of 256; the other {len(shapes) - len(covered)} tensors as stored)")
     used = allocate(units, target_bpw * total, fixed)
     overrides = tuple(Override(s, u.candidates[u.choice]) for u in units if u.candidates for s in u.sources)

@@ -1,7 +1,8 @@
-"""llama.cpp K-quants Q4_K, Q5_K, Q6_K: super-blocks of 256 along K with two-level scales, as GGUF blocks.
+"""llama.cpp K-quants Q3_K, Q4_K, Q5_K, Q6_K: super-blocks of 256 along K with two-level scales, as GGUF blocks.
 
     Q4_K / Q5_K  8 sub-blocks of 32: value = d*sc*q - dmin*m, q 0..15 / 0..31, sc and m 6-bit, d and dmin fp16
     Q6_K         16 sub-blocks of 16: value = d*sc*(q - 32), q 0..63, sc int8, d fp16
+    Q3_K         16 sub-blocks of 16: value = d*(sc - 32)*(q - 4), q 0..7, sc 6-bit, d fp16
 
 The QuantizedTensor of a K-quant scheme holds the GGUF blocks themselves (uint8 `[N, K/256 * block bytes]`), so
 the GGUF exporter copies them and gguf-py's dequantizer is the reference for `dequantize`.
@@ -9,10 +10,12 @@ the GGUF exporter copies them and gguf-py's dequantizer is the reference for `de
 Quantization follows ggml/src/ggml-quants.c operation by operation in float32 (same sums in the same order,
 `nearest_int` = round half to even, no fused multiply-add), vectorized over every sub-block of the tensor:
     rtn (no importance)   quantize_row_q{4,5}_K_ref: weights rms(sub-block) + |x|, make_qkx2_quants,
-                          6-bit scales linear in max/63; quantize_row_q6_K_ref: make_qx_quants(16, 32, rmse 1)
+                          6-bit scales linear in max/63; quantize_row_q6_K_ref: make_qx_quants(16, 32, rmse 1);
+                          quantize_row_q3_K_ref: make_q3_quants, 6-bit scales linear in max/32
     with importance qw    quantize_row_q{4,5}_K_impl: w = qw * sqrt(sigma2 + x^2), make_qkx3_quants, 6-bit
     `[K]` per column      scales by make_qp_quants weighted by the sub-block weight sums;
-                          quantize_row_q6_K_impl: make_qx_quants weighted by qw
+                          quantize_row_q6_K_impl: make_qx_quants weighted by qw; quantize_row_q3_K_impl:
+                          make_qx_quants for the codes and again for the scales
 so `quantize` is byte-identical to llama.cpp's quantizer (`ggml_quantize_chunk`, which `llama_model_quantize`
 calls) with and without an importance matrix (tests/test_kquants.py).
 
@@ -222,7 +225,8 @@ class KQuant:
     sub: int  # sub-block length (32 or 16)
     qmax: int  # largest code (15, 31, 63)
     block_bytes: int
-    asymmetric: bool  # value = d*sc*q - dmin*m (Q4_K/Q5_K) or d*sc*(q - 32) (Q6_K)
+    asymmetric: bool  # value = d*sc*q - dmin*m (Q4_K/Q5_K) or d*sc*(q - zero) (Q6_K, Q3_K)
+    zero: int = 32  # symmetric types: the code of value 0 (Q6_K 32, Q3_K 4)
 
     @property
     def subs(self) -> int:
@@ -254,7 +258,7 @@ class KQuant:
             qw = torch.as_tensor(importance, dtype=torch.float32).expand(n, k).reshape(-1, self.sub)
         if self.asymmetric:
             return self._qparams_asym(x, qw, n, nb)
-        return self._qparams_q6(x, qw, n, nb)
+        return self._qparams_sym(x, qw, n, nb)
 
     def _qparams_asym(self, x: torch.Tensor, qw: torch.Tensor | None, n: int, nb: int) -> KQParams:
         s = self.subs
@@ -284,7 +288,8 @@ class KQuant:
         return KQParams(d.reshape(n, nb), dmin.reshape(n, nb), sc.reshape(n, nb, s), m.reshape(n, nb, s),
                         L0.reshape(n, nb * s, self.sub))
 
-    def _qparams_q6(self, x: torch.Tensor, qw: torch.Tensor | None, n: int, nb: int) -> KQParams:
+    def _qparams_sym(self, x: torch.Tensor, qw: torch.Tensor | None, n: int, nb: int) -> KQParams:
+        """quantize_row_q6_K_ref / _impl."""
         s = self.subs
         scales, L0 = make_qx_quants(x, 32, qw)  # [M], [M, 16]
         scales = scales.reshape(n * nb, s)
@@ -307,7 +312,7 @@ class KQuant:
         step = (p.d[..., None] * p.sc).reshape(n, -1, 1)
         if self.asymmetric:
             return step, -(p.dmin[..., None] * p.m).reshape(n, -1, 1)
-        return step, -32.0 * step
+        return step, -float(self.zero) * step
 
     def codes(self, w: torch.Tensor, p: KQParams) -> torch.Tensor:
         """Nearest codes of w `[N, K]` on the grids p, float32 `[N, K]`, as ggml's final pass: l = nearest((x + dm)/d)
@@ -320,7 +325,7 @@ class KQuant:
         if self.asymmetric:
             q = _rint((x - offset) / safe).clamp_(0, self.qmax)  # x + dm, dm = dmin*m
         else:
-            q = _rint(x / safe).clamp_(-32, 31) + 32
+            q = _rint(x / safe).clamp_(-self.zero, self.zero - 1) + self.zero
         return torch.where(dead, p.L0, q).reshape(n, k)
 
     def encode(self, q: torch.Tensor, p: KQParams) -> QuantizedTensor:
@@ -340,15 +345,19 @@ class KQuant:
                 lo = lo & 0x0F
             parts.append((lo[:, :, :, 0] | (lo[:, :, :, 1] << 4)).reshape(n, nb, 128))
         else:
-            v = q.reshape(n, nb, 2, 4, 32)  # per 128-half: quarters at +0, +32, +64, +96
-            ql = torch.cat(((v[:, :, :, 0] & 0xF) | ((v[:, :, :, 2] & 0xF) << 4),
-                            (v[:, :, :, 1] & 0xF) | ((v[:, :, :, 3] & 0xF) << 4)), dim=-1)  # [n, nb, 2, 64]
-            qh = ((v[:, :, :, 0] >> 4) | ((v[:, :, :, 1] >> 4) << 2) | ((v[:, :, :, 2] >> 4) << 4)
-                  | ((v[:, :, :, 3] >> 4) << 6))  # [n, nb, 2, 32]
-            parts = [ql.reshape(n, nb, 128), qh.reshape(n, nb, 64), p.sc.to(torch.int8).view(torch.uint8),
-                     fp16_bytes(p.d.to(torch.float16))]
+            parts = self._pack_sym(q, p, n, nb)
         data = torch.cat(parts, dim=-1).reshape(n, nb * self.block_bytes)
         return QuantizedTensor(scheme=self.name, shape=(n, k), data=data, scales=None, block_size=QK_K)
+
+    def _pack_sym(self, q: torch.Tensor, p: KQParams, n: int, nb: int) -> list[torch.Tensor]:
+        """block_q6_K: ql[128], qh[64], int8 scales[16], fp16 d."""
+        v = q.reshape(n, nb, 2, 4, 32)  # per 128-half: quarters at +0, +32, +64, +96
+        ql = torch.cat(((v[:, :, :, 0] & 0xF) | ((v[:, :, :, 2] & 0xF) << 4),
+                        (v[:, :, :, 1] & 0xF) | ((v[:, :, :, 3] & 0xF) << 4)), dim=-1)  # [n, nb, 2, 64]
+        qh = ((v[:, :, :, 0] >> 4) | ((v[:, :, :, 1] >> 4) << 2) | ((v[:, :, :, 2] >> 4) << 4)
+              | ((v[:, :, :, 3] >> 4) << 6))  # [n, nb, 2, 32]
+        return [ql.reshape(n, nb, 128), qh.reshape(n, nb, 64), p.sc.to(torch.int8).view(torch.uint8),
+                fp16_bytes(p.d.to(torch.float16))]
 
     def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
         """w `[N, K]` -> GGUF blocks, byte-identical to ggml_quantize_chunk (with `importance` as its imatrix)."""
@@ -364,7 +373,7 @@ class KQuant:
         x = q.reshape(n, -1, self.sub)
         if self.asymmetric:
             return (step * x + offset).reshape(n, k)  # d*sc*q - dmin*m
-        return (step * (x - 32.0)).reshape(n, k)
+        return (step * (x - float(self.zero))).reshape(n, k)
 
     def decode(self, qt: QuantizedTensor) -> tuple[torch.Tensor, KQParams]:
         """GGUF blocks -> (codes float32 `[N, K]`, grids): the inverse of `encode`."""
@@ -389,16 +398,109 @@ class KQuant:
             q = q.reshape(n, k).float()
             p = KQParams(d, dmin, sc.float(), m.float(), torch.zeros(0, device=dev))
         else:
-            ql = b[..., 0:128].reshape(n, nb, 2, 2, 32)  # [half][first|second 32 bytes][l]
-            qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
-            sc = b[..., 192:208].contiguous().view(torch.int8).float()
-            d = b[..., 208:210].contiguous().view(torch.float16).float().squeeze(-1)
-            lo = torch.stack((ql[:, :, :, 0] & 0xF, ql[:, :, :, 1] & 0xF, ql[:, :, :, 0] >> 4, ql[:, :, :, 1] >> 4),
-                             dim=3)  # [n, nb, 2, 4, 32]
-            hi = (qh >> (2 * torch.arange(4, dtype=torch.uint8, device=dev))[:, None]) & 3  # [n, nb, 2, 4, 32]
-            q = (lo | (hi << 4)).reshape(n, k).float()
-            p = KQParams(d, torch.zeros_like(d), sc, torch.zeros_like(sc), torch.zeros(0, device=dev))
+            q, p = self._unpack_sym(b, n, nb)
         return q, p
+
+    def _unpack_sym(self, b: torch.Tensor, n: int, nb: int) -> tuple[torch.Tensor, KQParams]:
+        """block_q6_K bytes `[N, nb, 210]` -> codes `[N, K]` and grids."""
+        dev, k = b.device, nb * QK_K
+        ql = b[..., 0:128].reshape(n, nb, 2, 2, 32)  # [half][first|second 32 bytes][l]
+        qh = b[..., 128:192].reshape(n, nb, 2, 1, 32)
+        sc = b[..., 192:208].contiguous().view(torch.int8).float()
+        d = b[..., 208:210].contiguous().view(torch.float16).float().squeeze(-1)
+        lo = torch.stack((ql[:, :, :, 0] & 0xF, ql[:, :, :, 1] & 0xF, ql[:, :, :, 0] >> 4, ql[:, :, :, 1] >> 4),
+                         dim=3)  # [n, nb, 2, 4, 32]
+        hi = (qh >> (2 * torch.arange(4, dtype=torch.uint8, device=dev))[:, None]) & 3  # [n, nb, 2, 4, 32]
+        q = (lo | (hi << 4)).reshape(n, k).float()
+        p = KQParams(d, torch.zeros_like(d), sc, torch.zeros_like(sc), torch.zeros(0, device=dev))
+        return q, p
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml make_q3_quants(n, nmax, x, L, do_rmse=true) per row of x `[M, n]`: symmetric codes weighted by x^2,
+    refined by up to 5 passes of coordinate descent. Returns (scale [M], codes L [M, n] in 0..2nmax-1; 0 if zero)."""
+    ax = x.abs()
+    amax = ax.amax(-1)
+    first = (ax == amax[:, None]).float().argmax(-1, keepdim=True)
+    zero = amax < GROUP_MAX_EPS
+    vmax = torch.where(zero, torch.ones_like(amax), x.gather(-1, first).squeeze(-1))
+    L = _rint(_rdiv(-nmax, vmax)[:, None] * x).clamp_(-nmax, nmax - 1)
+    w = x * x
+    sumlx, suml2 = _seq_sum(w * x * L), _seq_sum(w * L * L)
+    for _ in range(5):  # a pass without a change leaves the state as it is: running all 5 is the same
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = slx > 0
+            new_l = _rint(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp_(-nmax, nmax - 1)
+            slx2 = slx + wi * xi * new_l
+            sl22 = sl2 + wi * new_l * new_l
+            take = ok & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[:, i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(suml2))
+    return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0.0, L + nmax)
+
+
+class Q3K(KQuant):
+    """Q3_K: 16 sub-blocks of 16, value = d * (sc - 32) * (q - 4), q 0..7 (2 bits in qs, the third in hmask), 6-bit
+    sc, fp16 d. block_q3_K: hmask[32], qs[64], scales[12], d."""
+
+    def _qparams_sym(self, x: torch.Tensor, qw: torch.Tensor | None, n: int, nb: int) -> KQParams:
+        """quantize_row_q3_K_ref (make_q3_quants) / quantize_row_q3_K_impl (make_qx_quants twice)."""
+        s = self.subs
+        if qw is None:
+            scales, L0 = make_q3_quants(x, 4)
+            scales = scales.reshape(n * nb, s)
+            ab = scales.abs()
+            first = (ab == ab.amax(-1, keepdim=True)).float().argmax(-1, keepdim=True)
+            max_scale = scales.gather(-1, first).squeeze(-1)  # signed, first of the largest |scale|
+            zero = max_scale == 0
+            iscale = _rdiv(-32.0, torch.where(zero, torch.ones_like(max_scale), max_scale))
+            # an all-zero super-block keeps its memset scale bytes: 6-bit 0 = sc -32 (times d = 0)
+            sc = torch.where(zero[:, None], -32.0, _rint(iscale[:, None] * scales).clamp_(-32, 31))
+            d = torch.where(zero, 0.0, _fp16(_rdiv(1.0, iscale)))
+        else:
+            xs = x.reshape(n * nb, QK_K)
+            sigma2 = 2.0 * _seq_sum(xs * xs) / float(QK_K)
+            weights = qw * _sqrt(sigma2.repeat_interleave(s)[:, None] + x * x)
+            sw = _seq_sum(weights).reshape(n * nb, s)
+            scales, L0 = make_qx_quants(x, 4, weights)
+            d, ls = make_qx_quants(scales.reshape(n * nb, s), 32, sw)
+            d, sc = _fp16(d), ls - 32
+        return KQParams(d.reshape(n, nb), torch.zeros(n, nb), sc.reshape(n, nb, s), torch.zeros(n, nb, s),
+                        L0.reshape(n, nb * s, self.sub))
+
+    def _pack_sym(self, q: torch.Tensor, p: KQParams, n: int, nb: int) -> list[torch.Tensor]:
+        q = q.reshape(n, nb, 8, 32)  # element j = 32 * bit + m: its third bit goes to hmask[m] bit `bit`
+        bits = torch.arange(8, dtype=torch.uint8, device=q.device)[:, None]
+        hmask = ((q >> 2) << bits).sum(dim=2, dtype=torch.uint8)  # [n, nb, 32], disjoint bits
+        lo = (q & 3).reshape(n, nb, 2, 4, 32)  # per 128-half: quarters at +0, +32, +64, +96 -> bits 0, 2, 4, 6
+        qs = (lo[:, :, :, 0] | (lo[:, :, :, 1] << 2) | (lo[:, :, :, 2] << 4) | (lo[:, :, :, 3] << 6)).reshape(n, nb, 64)
+        l6 = (p.sc + 32).to(torch.uint8)  # [n, nb, 16] 0..63
+        low = torch.cat((l6[..., :8] & 0xF, torch.zeros_like(l6[..., :4])), dim=-1)  # [n, nb, 12]
+        low[..., :8] |= (l6[..., 8:] & 0xF) << 4
+        hi2 = (l6 >> 4).reshape(n, nb, 4, 4)  # [j // 4][j % 4]
+        low[..., 8:] = (hi2 << (2 * torch.arange(4, dtype=torch.uint8, device=q.device))[:, None]).sum(
+            dim=2, dtype=torch.uint8)
+        return [hmask, qs, low, fp16_bytes(p.d.to(torch.float16))]
+
+    def _unpack_sym(self, b: torch.Tensor, n: int, nb: int) -> tuple[torch.Tensor, KQParams]:
+        dev, k = b.device, nb * QK_K
+        hmask, qs, sb = b[..., 0:32], b[..., 32:96], b[..., 96:108]
+        d = b[..., 108:110].contiguous().view(torch.float16).float().squeeze(-1)
+        bits = torch.arange(8, dtype=torch.uint8, device=dev)[:, None]
+        hi = (hmask[:, :, None, :] >> bits) & 1  # [n, nb, 8, 32]
+        shifts = (2 * torch.arange(4, dtype=torch.uint8, device=dev))[:, None]
+        lo = (qs.reshape(n, nb, 2, 1, 32) >> shifts) & 3  # [n, nb, 2, 4, 32]
+        q = (lo.reshape(n, nb, 8, 32) | (hi << 2)).reshape(n, k).float()
+        low = torch.cat((sb[..., :8] & 0xF, sb[..., :8] >> 4), dim=-1)  # [n, nb, 16]
+        hi2 = (sb[..., 8:12][:, :, None, :] >> shifts[:, :1].reshape(4, 1)) & 3  # [n, nb, 4 (j // 4), 4 (j % 4)]
+        sc = (low | (hi2.reshape(n, nb, 16) << 4)).float() - 32.0
+        return q, KQParams(d, torch.zeros_like(d), sc, torch.zeros_like(sc), torch.zeros(0, device=dev))
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
@@ -429,4 +531,5 @@ KQUANTS: dict[str, KQuant] = {k.name: k for k in (
     KQuant("q4_k", "Q4_K", 32, 15, 144, True),
     KQuant("q5_k", "Q5_K", 32, 31, 176, True),
     KQuant("q6_k", "Q6_K", 16, 63, 210, False),
+    Q3K("q3_k", "Q3_K", 16, 7, 110, False, zero=4),
 )}

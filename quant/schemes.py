@@ -128,7 +128,7 @@ def _build() -> dict[str, Scheme]:
         Scheme("fp8_g128", quantize_fp8_g128, dequantize_fp8_tiles, 8 + 32 / 128, 8, True, "tile", (1, 128), "fp8",
                onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
     ]
-    fallbacks = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "int8_g32"}  # llama-quant.cpp, ncols % 256 != 0
+    fallbacks = {"q3_k": "int4_sym_g32", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "int8_g32"}  # llama-quant.cpp, K % 256
     for kq in KQUANTS.values():
         entries.append(Scheme(kq.name, kq.quantize, kq.dequantize, kq.bits_per_weight, int(kq.qmax).bit_length(),
                               not kq.asymmetric, "superblock", QK_K, "kquant", k_multiple=QK_K, calibratable=True,
