@@ -102,7 +102,7 @@ class Model(ABC):
     def drafter(self, method: str):
         """The speculative-decoding view of this model (runtime/speculative.Drafter) for `method`."""
         raise BackendError(f"the {self.name} backend has no speculative decoding ({method!r}); "
-                           f"use the torch or ort backend")
+                           f"use the torch, ort or gpu backend")
 
     def generate(self, prompt: str | np.ndarray, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                  on_text: Callable[[str], None] | None = None, speculative: str | None = None,
