@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -182,3 +183,39 @@ def pair_scales(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) 
 def dequantized_view(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """A graph's tensors with every FP8 source read as its exact float32 dequantization."""
     return {n: t.dequantized() if isinstance(t, Fp8Source) else t for n, t in tensors.items()}
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32) if t.is_floating_point() else t
+
+
+def write_dequantized_checkpoint(src: str | Path, out: Path) -> Path:
+    """A Hugging Face checkpoint at `out` with `src`'s FP8 weights as float32 q * s, its scales dropped, its other
+    float tensors upcast to float32 (exact), the quantization_config removed and every other file as it is: the
+    validation reference for an FP8 source (transformers runs it; its own FP8 loading needs accelerate and, in
+    5.24, dequantizes ragged tiles wrongly). Holds one shard's tensors at a time."""
+    import json
+    import shutil
+
+    from nextq.storage import write_safetensors
+
+    from .hf import open_checkpoint
+
+    ckpt = open_checkpoint(str(src))
+    paired = pair_scales(ckpt.config, ckpt.tensors)
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in ckpt.shards:
+        tensors = {k: (st.source(st.shape, None).load().dequantize() if isinstance(st, Fp8Stored)
+                       else _float32(st.read())) for k, st in paired.items() if st.path == str(shard)}
+        write_safetensors(out / shard.name, tensors, {"format": "pt"})
+    for f in ckpt.root.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copyfile(f, out / f.name)
+    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    index = ckpt.root / "model.safetensors.index.json"
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {k: v for k, v in doc["weight_map"].items() if k in paired}
+        (out / index.name).write_text(json.dumps(doc, indent=2))
+    return out

@@ -10,6 +10,8 @@ Every backend returns float32 numpy logits and keeps its own decode state betwee
 
 from __future__ import annotations
 
+import json
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -217,6 +219,11 @@ class TransformersBackend(Model):
         super().__init__(path, device)
         from transformers import AutoModelForCausalLM
 
+        from nextq.convert.fp8_source import check_fp8_config, write_dequantized_checkpoint
+
+        if check_fp8_config(json.loads((path / "config.json").read_text())):  # FP8: its exact dequantization
+            self._dequantized = tempfile.TemporaryDirectory(prefix="nextq-fp8-reference-")
+            path = write_dequantized_checkpoint(path, Path(self._dequantized.name))
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_torch_dtype(dtype), attn_implementation="eager"
         ).to(device).eval()

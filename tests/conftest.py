@@ -136,3 +136,18 @@ def ckpt_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def llama_converter(tmp_path_factory):
+    """llama.cpp's own convert_hf_to_gguf.py from the pinned llama-cpp-python sdist (scripts/llama_cpp_converter.py,
+    pip download into pytest's cache dir), the anchor GGUF tests compare nextq's files with."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import llama_cpp_converter
+
+    try:
+        return llama_cpp_converter.source_root(Path(tmp_path_factory.getbasetemp()).parent / "nextq-llama-sdist")
+    except RuntimeError as e:
+        pytest.skip(str(e))

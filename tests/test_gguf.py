@@ -210,13 +210,6 @@ def test_import_round_trip(models, tmp_path):
 
 # ---- llama.cpp's own converter --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def llama_converter(tmp_path_factory):
-    """convert_hf_to_gguf.py from the llama-cpp-python sdist (pip download into pytest's cache dir)."""
-    try:
-        return llama_cpp_converter.source_root(Path(tmp_path_factory.getbasetemp()).parent / "nextq-llama-sdist")
-    except RuntimeError as e:
-        pytest.skip(str(e))
 
 
 # Intentional metadata differences: general.name (llama.cpp derives it from the directory name, nextq from the

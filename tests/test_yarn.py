@@ -119,14 +119,6 @@ def test_llama_cpp_matches_transformers(models, reference, tmp_path):
     assert rel_err(got, ref) <= 2e-5
 
 
-@pytest.fixture(scope="module")
-def llama_converter(tmp_path_factory):
-    try:
-        return llama_cpp_converter.source_root(Path(tmp_path_factory.getbasetemp()).parent / "nextq-llama-sdist")
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-
 def test_gguf_metadata_equals_llama_cpp_converter_and_imports_back(models, llama_converter, tmp_path, capsys):
     """Every optional YaRN key set: nextq writes what llama.cpp's converter writes, warns about what llama.cpp's
     qwen3next drops, and reads the setting back from the GGUF."""
