@@ -68,8 +68,7 @@ def read_header(path: str | Path) -> dict[str, StoredTensor]:
     names, shapes against byte ranges, ranges inside the file: a truncated shard is refused here)."""
     from .untrusted import safetensors_header
 
-    return {key: StoredTensor(str(path), key, e.dtype, e.shape, e.begin, e.end)
-            for key, e in safetensors_header(path, ITEMSIZES).items()}
+    return safetensors_header(path, ITEMSIZES)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:

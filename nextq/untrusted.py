@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import InputError, UnsafePathError
+from .storage import StoredTensor
 
 INT64 = 1 << 63
 MAX_JSON_BYTES = 1 << 30  # graph.json of an 80B model with every expert quantized: ~25 MB
@@ -273,17 +274,7 @@ def coerce_json_fields(cls: type, d: Any, where: str) -> dict[str, Any]:
 # ---- safetensors --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One tensor of a checked safetensors header: dtype name, shape and absolute byte range in the file."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-def safetensors_header(path: str | Path, itemsizes: Mapping[str, int]) -> dict[str, HeaderEntry]:
+def safetensors_header(path: str | Path, itemsizes: Mapping[str, int]) -> dict[str, StoredTensor]:
     """The tensors of a safetensors file, checked against its size before anything else reads it.
 
     `itemsizes`: the allowed dtype names and their bytes per element. Checks the header length (8 + header <= file,
@@ -305,7 +296,7 @@ def safetensors_header(path: str | Path, itemsizes: Mapping[str, int]) -> dict[s
         raise InputError(f"{path}: cannot be read ({e.strerror})") from None
     need(isinstance(header, dict), path, f"header: expected a JSON object, got {_kind(type(header))}")
     base, data = 8 + hlen, size - 8 - hlen
-    out: dict[str, HeaderEntry] = {}
+    out: dict[str, StoredTensor] = {}
     for key, info in header.items():
         where = f"{path}: tensor {key!r}"
         if key == "__metadata__":
@@ -324,7 +315,7 @@ def safetensors_header(path: str | Path, itemsizes: Mapping[str, int]) -> dict[s
         nbytes = math.prod(shape) * itemsizes[info["dtype"]]
         need(end - begin == nbytes, where, f"shape {list(shape)} of {info['dtype']} is {nbytes} bytes, its "
                                            f"data_offsets [{begin}, {end}] hold {end - begin}")
-        out[key] = HeaderEntry(info["dtype"], shape, base + begin, base + end)
+        out[key] = StoredTensor(path, key, info["dtype"], shape, base + begin, base + end)
     at = base
     for key, e in sorted(out.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         need(e.begin == at, f"{path}: tensor {key!r}", f"data starts at byte {e.begin}, expected {at} (tensor "

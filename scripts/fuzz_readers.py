@@ -27,7 +27,6 @@ import os
 import random
 import select
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from typing import Any
 OUTCOMES = ("clean", "accepted", "raw", "escape", "hang")
 WALL_FACTOR = 12  # a mutant blocked (no CPU used) for this many times --timeout-s of wall time is a hang too
 POLL_S = 0.2
+PROGRESS_S = 120  # a line of counts so far (clean/accepted/raw/escape/hang per reader) on stderr
 HEAD = 1 << 16  # byte mutations land in the first 64 KiB (headers, metadata)
 BOUNDARY_INTS = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 2**31 - 1, 2**31, 2**32 - 1, 2**40, 2**63 - 1, 2**63,
                  2**64 - 1)
@@ -295,10 +295,22 @@ def _read_recipe(path: str) -> None:
     load_recipe_file(Path(path))
 
 
+def _open_outside(path: str) -> None:
+    """The harness's own check: a reader that opens a file outside its directory must be seen as an escape."""
+    open(Path(path).parent.parent / "outside.safetensors", "rb").close()
+
+
+def _raise(path: str) -> None:
+    """The harness's own check: a reader that raises something else than a nextq error must be seen as raw."""
+    raise KeyError(path)
+
+
 READERS: dict[str, Callable[[str], None]] = {
     "gguf": _read_graph, "ir": _read_graph, "ir-quant": _read_graph, "hf": _read_hf, "report": _read_report,
     "recipe": _read_recipe,
 }
+SELF_CHECKS: dict[str, tuple[Callable[[str], None], str]] = {"self-escape": (_open_outside, "escape"),
+                                                              "self-raw": (_raise, "raw")}
 AUDITED = {"open", "os.listdir", "os.scandir", "glob.glob", "shutil.copyfile", "os.readlink"}
 
 
@@ -334,7 +346,7 @@ def worker(max_alloc_gib: float, warm: list[str]) -> None:
         job = json.loads(line)
         state["root"], state["escapes"] = os.path.realpath(job["root"]) + os.sep, []
         try:
-            READERS[job["reader"]](job["path"])
+            (READERS.get(job["reader"]) or SELF_CHECKS[job["reader"]][0])(job["path"])
             outcome, detail = "accepted", ""
         except NextqError as e:
             outcome, detail = "clean", str(e)[:300]
@@ -363,9 +375,14 @@ class Worker:
         env = {**os.environ, "TMPDIR": str(self.tmp)}
         cmd = [sys.executable, __file__, "--worker", "--max-alloc-gib", str(self.args.max_alloc_gib),
                *(f"--warm={r}={p}" for r, p in self.warm.items())]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        if not self.proc.stdout.readline():
-            raise RuntimeError(f"fuzz worker failed to start ({self.proc.wait()})")
+        for attempt in range(3):  # a long run outlives edits to the tree: a worker may start mid-edit, retry
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            if self.proc.stdout.readline():
+                break
+            print(f"fuzz worker failed to start ({self.proc.wait()}), attempt {attempt + 1}", file=sys.stderr)
+            time.sleep(30)
+        else:
+            raise RuntimeError("fuzz worker failed to start three times")
         self.job: dict[str, Any] | None = None
 
     def cpu_s(self) -> float:
@@ -436,9 +453,21 @@ def run(args: argparse.Namespace, n_per_reader: dict[str, int] | None = None) ->
         path = make_mutant(r, seeds, w.slot, rng)
         w.submit({"reader": r, "path": path, "root": path if path.is_dir() else path.parent, "i": i})
 
+    for name, (_, expect) in SELF_CHECKS.items():  # the detectors work, or nothing below means anything
+        path = make_mutant("recipe", seeds, workers[0].slot, random.Random(0))
+        workers[0].submit({"reader": name, "path": path, "root": path.parent, "i": -1})
+        got = workers[0].result()
+        workers[0].job = None
+        if got["outcome"] != expect:
+            raise SystemExit(f"fuzz harness self-check {name}: expected {expect}, got {got}")
     for w in workers:
         feed(w)
+    last = time.monotonic()
     while any(w.job for w in workers):
+        if time.monotonic() - last > PROGRESS_S:
+            last = time.monotonic()
+            print(f"[{last - t_start:.0f} s] " + "  ".join(f"{r} " + "/".join(str(c[o]) for o in OUTCOMES)
+                                                         for r, c in counts.items()), file=sys.stderr, flush=True)
         busy = [w for w in workers if w.job]
         ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], POLL_S)
         for w in busy:
