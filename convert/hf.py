@@ -3,6 +3,7 @@ hand them to the reader registered for the checkpoint's architecture."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,7 +64,9 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str 
 ROPE_NUMBERS = ("rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings", "beta_fast",
                 "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
 ROPE_REQUIRED_NUMBERS = ("rope_theta", "partial_rotary_factor")  # read with float(): null is not a default
-REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+DERIVED_FIELDS = ("layer_types", "head_dim")  # the family readers compute these when config.json omits them
+REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING
+                        and f.default_factory is dataclasses.MISSING and f.name not in DERIVED_FIELDS)
 
 
 def check_config_json(cfg: dict, where: str) -> None:
