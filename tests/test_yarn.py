@@ -110,13 +110,18 @@ def test_llama_cpp_matches_transformers(models, reference, tmp_path):
 
     gg = tmp_path / "recipe.gguf"
     export_gguf(Graph.load(models["recipe"][1]), gg)
-    got, ref = nextq.load(gg).logits(IDS.numpy()), reference["recipe"]
+    model = nextq.load(gg)
+    got, ref = model.logits(IDS.numpy()), reference["recipe"]
     past = slice(4 * RECIPE["original_max_position_embeddings"], T)
     # f32 weights and KV cache: <= 1e-5 past 4x the original context (observed 2.2e-6). Over all positions
     # llama.cpp's summation order alone reaches 1.5e-5 on this model with plain RoPE too (position 73, observed
     # 1.48e-5 plain vs 1.35e-5 YaRN), so the whole sequence gets test_gguf's noise bound doubled.
     assert np.abs(got - ref)[:, past].max() / np.abs(ref).max() <= 1e-5
     assert rel_err(got, ref) <= 2e-5
+    # token by token past the original context (llama.cpp's recurrent delta rule, its KV cache): the same bounds
+    steps = [model.prefill(IDS[:1, :100].numpy())] + [model.decode(IDS[:1, i:i + 1].numpy()) for i in range(100, T)]
+    step_err = np.abs(np.concatenate(steps) - ref[0, 99:]) / np.abs(ref).max()
+    assert step_err[past.start - 99:].max() <= 1e-5 and step_err.max() <= 2e-5
 
 
 def test_gguf_metadata_equals_llama_cpp_converter_and_imports_back(models, llama_converter, tmp_path, capsys):
