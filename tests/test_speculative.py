@@ -1,6 +1,7 @@
 """MTP speculative decoding (runtime/speculative.py): greedy speculative == plain greedy on the embedded model
 (torch CPU and ort, k = 1, 2, 3), the rewound state equals the state of feeding only the accepted tokens, the
-sampling rule keeps the target's distribution (chi-square on a 2-layer toy model), and the CLI's output and errors.
+sampling rule keeps the target's distribution (chi-square on a 2-layer toy model), and the CLI's output and errors;
+with CUDA, the GPU executor's speculative greedy decoding too.
 
 The grid here is 3 prompts x 64 new tokens per backend and k (about a minute on 2 busy cores); the full grid of the
 issue (8 prompts x 256 tokens) runs in scripts/bench_mtp.py, which also reports acceptance rates.
@@ -53,6 +54,26 @@ def test_greedy_speculative_is_plain_greedy(ir, onnx_dir, backend):
             got = model.generate(ids, NEW_TOKENS, speculative="mtp", draft_tokens=k, stats=stats)
             np.testing.assert_array_equal(got, plain, err_msg=f"{backend} k={k} {prompt!r}")  # token for token
             assert stats.drafted > 0 and 0 < stats.acceptance_rate <= 1  # the trained head agrees often
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU executor needs CUDA")
+def test_gpu_greedy_speculative_is_plain_greedy(ir):
+    """runtime/gpu.py: verify / draft / commit graphs give the tokens of plain graph decoding (fp32)."""
+    from nextq.graph import Graph
+    from nextq.runtime.backends import load_tokenizer
+    from nextq.runtime.gpu import GpuModel
+
+    model = GpuModel.from_graph(Graph.load(ir), dtype=torch.float32, max_batch=1, max_seq=1024)
+    tok = load_tokenizer(ir)
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok(prompt)["input_ids"]], device="cuda")
+        first = model.prefill(ids).argmax(-1, keepdim=True)
+        plain = torch.cat([first, model.generate_greedy(NEW_TOKENS - 1, first=first)], dim=1)
+        for k in (1, 2, 3):
+            got, counts = model.generate_speculative_greedy(ids, NEW_TOKENS, k)
+            assert torch.equal(got, plain), f"k={k} {prompt!r}"  # token for token
+            assert counts["drafted"] > 0 and counts["accepted"] > 0
 
 
 def test_rewound_state_is_the_state_of_the_accepted_tokens(ir):
