@@ -40,7 +40,7 @@ def read_source(source: str, revision: str | None = None, rope_scaling: str | No
 def convert(source: str, output: Path, revision: str | None = None, dtype: str = "auto", force: bool = False,
             rope_scaling: str | None = None):
     """Read `source` lazily and write the IR directory tensor by tensor; returns the graph."""
-    from .fp8_source import dequantized_view
+    from .quant_source import dequantized_view
 
     graph = read_source(source, revision, rope_scaling)
     target = DTYPES[dtype]

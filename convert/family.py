@@ -25,7 +25,7 @@ from nextq.errors import CheckpointError, UnsupportedModelError
 from nextq.graph import Graph, ModelConfig, SourceTensor
 from nextq.storage import DTYPES, StoredTensor
 
-from .fp8_source import Fp8Stored
+from .quant_source import QuantizedStored
 from .hf import HFCheckpoint, register_reader
 
 # ---- splits: one stored tensor -> several canonical ones ----------------------------------------------------
@@ -169,9 +169,10 @@ def register_family(family: Family) -> Family:
 
 
 def _source(st: StoredTensor, shape: tuple[int, ...], transform: Callable | None = None) -> SourceTensor:
-    """A stored tensor read on demand; without a transform it can also be read a few rows at a time. An FP8
-    weight with its scales (convert/fp8_source.py) becomes an fp8 tensor with the same transform."""
-    if isinstance(st, Fp8Stored):
+    """A stored tensor read on demand; without a transform it can also be read a few rows at a time. A quantized
+    module's merged parts (convert/quant_source.py: FP8, compressed-tensors) become a quantized tensor with the
+    same transform."""
+    if isinstance(st, QuantizedStored):
         return st.source(shape, transform)
     rows = None if transform is not None else (lambda start, stop: st.rows(start, stop).read())
     return SourceTensor(st.read, tuple(shape), DTYPES[st.dtype], transform, f"{st.path}:{st.key}", rows)

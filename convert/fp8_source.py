@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ import torch
 from nextq.errors import CheckpointError, UnsupportedModelError
 from nextq.quant import QuantizedTensor
 from nextq.storage import StoredTensor
+
+from .quant_source import QuantizedSource, QuantizedStored, register_layout
 
 FP8_BLOCK = 128
 SCALE_SUFFIX = "_scale_inv"  # `<m>.weight` -> `<m>.weight_scale_inv`
@@ -52,51 +53,25 @@ def check_fp8_config(config: Mapping[str, Any]) -> bool:
 
 
 @dataclass(frozen=True)
-class Fp8Stored:
-    """An e4m3 weight and its tile scales in a checkpoint. Has a StoredTensor's `path`, `key`, `dtype` and
-    `shape`, so the family tables map it like any stored tensor; `source` builds its canonical tensors."""
+class Fp8Stored(QuantizedStored):
+    """An e4m3 weight and its tile scales in a checkpoint (a QuantizedStored: the family tables map it like any
+    stored tensor); `source` builds its canonical tensors."""
 
     weight: StoredTensor
     scale: StoredTensor
 
-    path = property(lambda self: self.weight.path)
-    key = property(lambda self: self.weight.key)
     dtype = property(lambda self: self.weight.dtype)
     shape = property(lambda self: self.weight.shape)
-
-    def rows(self, start: int, stop: int):
-        raise CheckpointError(f"{self.key}: FP8 weights stacked over experts are not supported (Qwen's FP8 "
-                              "releases store experts one by one)")
 
     def source(self, shape: tuple[int, ...], transform: Callable[[torch.Tensor], torch.Tensor] | None) -> Fp8Source:
         return Fp8Source(self, tuple(shape), transform)
 
 
-class Fp8Source:
+class Fp8Source(QuantizedSource):
     """A canonical fp8 tensor read on demand: the stored codes through the reader's row transform, with the scales
     of the source rows each canonical row came from (see the module docstring). Loads as a QuantizedTensor."""
 
     dtype = torch.float8_e4m3fn
-
-    def __init__(self, stored: Fp8Stored, shape: tuple[int, ...], transform: Callable | None):
-        self.stored, self.shape, self.transform = stored, shape, transform
-        self.origin = f"{stored.path}:{stored.key}"
-
-    @cached_property
-    def row_map(self) -> torch.Tensor | None:
-        """Source row of each canonical row int64 [N'] (None: no transform, rows are the stored ones).
-
-        Found by running the transform on a probe holding each element's flat source index, which also proves
-        that it only selects whole rows: a transform that moves columns would mix the K tiles.
-        """
-        if self.transform is None:
-            return None
-        n, k = self.stored.shape
-        index = torch.int32 if n * k < 2**31 else torch.int64  # a probe of 4 bytes per element when it fits
-        probe = self.transform(torch.arange(n * k, dtype=index).reshape(n, k))
-        if probe.dim() != 2 or probe.shape[1] != k or not bool((probe % k == torch.arange(k)).all()):
-            raise CheckpointError(f"{self.origin}: the reader's split of this FP8 weight is not a row selection")
-        return probe[:, 0].long() // k
 
     @property
     def scheme(self) -> str:
@@ -118,27 +93,9 @@ class Fp8Source:
         scheme = self.scheme
         if rm is not None and scheme == "fp8_block128":
             scales = scales[::FP8_BLOCK].contiguous()  # uniform per 128-row block: the tile rows themselves
-        if tuple(codes.shape) != self.shape:
-            raise CheckpointError(f"{self.origin}: produced shape {tuple(codes.shape)}, expected {self.shape}")
         block = (FP8_BLOCK, FP8_BLOCK) if scheme == "fp8_block128" else (1, FP8_BLOCK)
-        return QuantizedTensor(scheme=scheme, shape=self.shape, data=codes.contiguous(), scales=scales.contiguous(),
-                               block_size=block)
-
-    def dequantized(self) -> DequantizedSource:
-        return DequantizedSource(self)
-
-
-class DequantizedSource:
-    """An Fp8Source read as float32 `q * s` (exact in float32, as transformers and llama.cpp's converter compute
-    it): `nextq convert --dtype` of an FP8 checkpoint."""
-
-    dtype = torch.float32
-
-    def __init__(self, src: Fp8Source):
-        self.src, self.shape, self.origin = src, src.shape, src.origin
-
-    def load(self) -> torch.Tensor:
-        return self.src.load().dequantize()
+        return self.checked(QuantizedTensor(scheme=scheme, shape=tuple(codes.shape), data=codes.contiguous(),
+                                            scales=scales.contiguous(), block_size=block))
 
 
 def pair_scales(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) -> dict[str, Any]:
@@ -180,9 +137,8 @@ def pair_scales(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) 
     return out
 
 
-def dequantized_view(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """A graph's tensors with every FP8 source read as its exact float32 dequantization."""
-    return {n: t.dequantized() if isinstance(t, Fp8Source) else t for n, t in tensors.items()}
+register_layout("fp8")(pair_scales)
+register_layout(None)(pair_scales)  # no quantization_config: refuses stray F8_E4M3 tensors
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:

@@ -145,10 +145,10 @@ def register_reader(architecture: str):
 def read_hf(source: str, revision: str | None = None, hash_shards: bool = True) -> Graph:
     """Read a Hugging Face checkpoint into the canonical graph (lazy: no tensor data is loaded)."""
     from . import qwen3_5, qwen3_next  # noqa: F401  (register their families' readers)
-    from .fp8_source import pair_scales
+    from .quant_source import pair_quantized
 
     ckpt = open_checkpoint(source, revision)
-    ckpt.tensors = pair_scales(ckpt.config, ckpt.tensors)  # FP8 releases: weight + weight_scale_inv -> one tensor
+    ckpt.tensors = pair_quantized(ckpt.config, ckpt.tensors)  # quantized modules (FP8, compressed-tensors) -> one entry
     reader = READERS.get(ckpt.architecture)
     if reader is None:
         raise UnsupportedModelError(
