@@ -26,7 +26,8 @@ import torch
 
 from .errors import CheckpointError, OutputExistsError, UnsupportedModelError
 from .storage import DTYPE_NAMES, DTYPES, StoredTensor, read_header
-from .untrusted import check_values, coerce_json_fields, need, need_fields, need_shape, read_json, resolve_inside
+from .untrusted import (check_values, coerce_json_fields, need, need_fields, need_int, need_shape, read_json,
+                        resolve_inside)
 
 IR_FORMAT = "nextq-ir"
 IR_VERSION = 1
@@ -595,15 +596,16 @@ def _quant_meta(m: Any, shape: tuple[int, ...], where: str) -> dict[str, Any]:
     block = m["block_size"]
     if isinstance(block, list):
         need(len(block) == 2, w, f"block_size {block!r:.40}: expected an integer, a pair or null")
-        need_shape(block, f"{w} block_size")
+        for b in block:  # 2-D tiles may be larger than the weight (fp8_block128 of a 64-row expert)
+            need_int(b, f"{w} block_size", 1, MAX_TILE)
     elif block is not None:
-        need(isinstance(block, int) and not isinstance(block, bool) and block > 0, w,
-             f"block_size {block!r:.40}: expected a positive integer, a pair or null")
+        need_int(block, f"{w} block_size", 1, max(shape[1], 1))
     need(m["nibble_order"] is None or m["nibble_order"] in NIBBLE_ORDERS, w,
          f"nibble_order {m['nibble_order']!r:.40}, expected one of {list(NIBBLE_ORDERS)} or null")
     return m
 
 
+MAX_TILE = 1 << 16
 _LAYOUTS_SEEN: set[tuple] = set()  # layouts already probed (every expert of a model shares a handful)
 
 
@@ -619,11 +621,14 @@ def _check_layout(name: str, meta: dict[str, Any], parts: dict[str, StoredTensor
     stored = ", ".join(f"{k} {st.dtype} {list(st.shape)}" for k, st in parts.items()) or "nothing"
     try:
         out = QuantizedTensor.from_tensors(name, fake, meta).dequantize()
+    except (TypeError, NotImplementedError) as e:
+        if "meta" in str(e):  # "can't convert meta device type tensor to numpy" and the like: not probed
+            return
+        raise CheckpointError(f"{where}: stored {stored}: not a {meta['scheme']} layout of shape {meta['shape']} "
+                              f"({str(e).splitlines()[0]})") from None
     except (ValueError, RuntimeError, IndexError, AttributeError, KeyError) as e:  # e.g. a part missing: None
         raise CheckpointError(f"{where}: stored {stored}: not a {meta['scheme']} layout of shape "
                               f"{meta['shape']} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    except (TypeError, NotImplementedError):  # "can't convert meta device type tensor to numpy" and the like
-        return
     need(tuple(out.shape) == tuple(meta["shape"]), where,
          f"stored {stored} dequantize to {list(out.shape)}, expected {meta['shape']}")
     _LAYOUTS_SEEN.add(sig)

@@ -174,8 +174,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     _builtin("int4-asym", "routed experts int4 g32 with zero points (= GGUF Q4_1), everything else as stored",
              experts="int4_asym_g32"),
     _builtin("fp8", "Qwen's official FP8 layout: e4m3 128x128 blocks everywhere except lm_head, embeddings, "
-             "norms, A_log, dt_bias, conv1d, in_proj_ba, router and shared_expert_gate",
-             experts=_FP8, shared_expert=_FP8, dense_mlp=_FP8, deltanet=_FP8, attention=_FP8, mtp=_FP8),
+             "norms, A_log, dt_bias, conv1d, in_proj_ba, router, shared_expert_gate and mtp.fc (the MTP layer's "
+             "attention and experts are fp8)",
+             experts=_FP8, shared_expert=_FP8, dense_mlp=_FP8, deltanet=_FP8, attention=_FP8),
     _builtin("mixed", "routed experts int4 g32 (= Q4_0); attention, DeltaNet and the shared expert fp8 blocks",
              experts="int4_sym_g32", shared_expert=_FP8, dense_mlp=_FP8, deltanet=_FP8, attention=_FP8),
     _builtin("int4-int8", "routed experts int4 g32 (= Q4_0); every other matrix, embeddings and lm_head included, "
@@ -246,7 +247,7 @@ def load_recipe_file(path: Path) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found")
     try:
         doc = tomllib.loads(read_text(path, MAX_RECIPE_BYTES))
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # tomllib.TOMLDecodeError, or an integer of more than 4300 digits
         raise RecipeError(f"{path}: invalid TOML ({e})") from None
     except RecursionError:
         raise RecipeError(f"{path}: invalid TOML (nested too deeply)") from None

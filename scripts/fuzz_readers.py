@@ -138,7 +138,7 @@ def mutate_toml(text: str, rng: random.Random) -> bytes:
     elif "=" in lines[i]:
         key = lines[i].split("=", 1)[0]
         lines[i] = key + "= " + rng.choice(('1', 'true', '[1, 2]', '{a = 1}', '"x"', '[[1]]', '2e400', '"int4_sym_g7"',
-                                            '"../x"', '[' * 2000))
+                                            '"../x"', '[' * 2000, '9' * 5000))
     else:
         lines[i] = rng.choice(("[schemes]", "[[overrides]]", "[overrides]", "x = ", "[[schemes]]"))
     return ("\n".join(lines) + "\n").encode()
