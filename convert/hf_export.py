@@ -17,13 +17,15 @@ Quantized weights keep their codes and scales, nothing is re-quantized:
         int32 [N, K*bits/32] (nextq's int4 bytes are already its nibble order, low nibble first: q - 8 is the signed
         code; int8 codes + 128), `weight_scale` [N, K/G] (float32: nextq's fp16 scales exactly),
         `weight_shape` [2]; the scheme covering the routed experts targets `Linear` (vLLM's MoE loader reads that
-        one), any other targets its modules by name; modules left in float are listed in `ignore`.
+        one) and the experts by a regex (transformers' MoE loader looks for one), any other scheme names its
+        modules and comes first (compressed-tensors matches targets in order); float modules are in `ignore`.
     fp8_block128 (alone)  Qwen's own FP8 layout: e4m3 `weight` + `weight_scale_inv` [ceil(N/128), ceil(K/128)],
         `quantization_config` {quant_method fp8, fmt e4m3, weight_block_size [128, 128], activation_scheme dynamic,
         modules_to_not_convert}, which vLLM's FP8 loader and nextq's own FP8 reader take.
     fp8_block128 beside integer schemes  a compressed-tensors `float-quantized` group (weight + weight_scale tiles).
 Refused, naming the tensor: schemes without such a form (zero-point int4 = GGUF Q4_1, K-quants, 5-bit blocks,
-per-row fp8 tiles), parts of one stored tensor in different schemes, fp8 tiles that a fused stored tensor would cut.
+parts of one stored tensor in different schemes, fp8 scales that do not make whole 128x128 tiles of the stored
+tensor (per-row fp8 scales of an FP8 source, where its tiles straddled two canonical tensors, become tiles again).
 Modules the serving engines need unquantized (the router `mlp.gate`, `mlp.shared_expert_gate`, and with
 `--tensor-parallel N` >= 2 `in_proj_ba`, whose 2·Hv rows are sharded too thin) and embeddings (compressed-tensors
 quantizes Linear layers only) are written dequantized, exactly, with a note.
@@ -31,6 +33,7 @@ quantizes Linear layers only) are written dequantized, exactly, with a note.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -44,7 +47,7 @@ import torch
 
 from nextq.console import console, progress_iter
 from nextq.errors import UnsupportedModelError
-from nextq.graph import MTP, Graph, Layer, atomic_output_dir
+from nextq.graph import MTP, Graph, Layer, ModelConfig, atomic_output_dir
 from nextq.quant import QuantizedTensor
 from nextq.storage import ShardWriter
 
@@ -53,9 +56,13 @@ from .family import CANONICAL_LAYER_PREFIX, FAMILIES, Family
 CT_GROUP_SCHEMES = {"int4_sym": 4, "int8_g32": 8}  # scheme name prefix -> bits (pack-quantized, group strategy)
 CT_CHANNEL_SCHEMES = {"int8_channel": 8}
 FP8 = "fp8_block128"
+FP8_ROWS = "fp8_g128"  # one scale per row and 128 columns: what FP8 sources become where tiles straddle
+FP8_SCHEMES = (FP8, FP8_ROWS)
 FP8_TILE = 128
 ALWAYS_FLOAT = (r".*\.mlp\.gate", r".*\.mlp\.shared_expert_gate")  # ReplicatedLinear(quant_config=None) in vLLM
 BA = r".*\.linear_attn\.in_proj_ba"
+# the experts' group names them too: transformers takes the group whose `re:` target mentions experts for them
+EXPERTS_TARGET = r"re:.*\.mlp\.experts\..*"
 # stored keys of the mixer a layer does NOT have (both have a canonical `mixer.k`, `mixer.v`)
 OTHER_MIXER = {"GatedDeltaNet": "self_attn.", "GatedAttention": "linear_attn."}
 
@@ -170,7 +177,7 @@ def _form(scheme: str) -> tuple[str, int] | None:
             return "group", bits
     if scheme in CT_CHANNEL_SCHEMES:
         return "channel", CT_CHANNEL_SCHEMES[scheme]
-    if scheme == FP8:
+    if scheme in FP8_SCHEMES:
         return "fp8", 8
     if scheme in ("bf16", "f16", "f32"):
         return None
@@ -196,40 +203,47 @@ def _join(parts: list[Any], plan: StoredPlan, where: str) -> Any:
     """The stored tensor of `plan` from its canonical parts (dense, or quantized field by field)."""
     if plan.order is None:
         t = parts[0]
-        return t.reshape(plan.shape) if plan.shape is not None and isinstance(t, torch.Tensor) else t
+        if isinstance(t, QuantizedTensor):
+            return _as_tiles(t, where) if t.scheme in FP8_SCHEMES else t
+        return t.reshape(plan.shape) if plan.shape is not None else t
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts)[plan.order]
     schemes = {p.scheme if isinstance(p, QuantizedTensor) else str(p.dtype) for p in parts}
-    if len(schemes) != 1:
+    if len(schemes) != 1 and not schemes <= set(FP8_SCHEMES):
         raise UnsupportedModelError(f"{where}: its parts {plan.parts} are stored as {sorted(schemes)}; one stored "
                                     "tensor takes one scheme")
-    first = parts[0]
-    n = plan.order.numel()
-    if first.scheme == FP8:
-        scales = torch.cat([p.scales for p in parts])[_tile_rows(parts, plan.order, where)]
-    else:
-        scales = torch.cat([p.scales for p in parts])[plan.order]
+    first, n = parts[0], plan.order.numel()
+    if first.scheme in FP8_SCHEMES:
+        rows = torch.cat([_row_scales(p) for p in parts])[plan.order]
+        qt = QuantizedTensor(FP8_ROWS, (n, first.shape[1]), torch.cat([p.data for p in parts])[plan.order], rows,
+                             block_size=(1, FP8_TILE))
+        return _as_tiles(qt, where)
     zeros = torch.cat([p.zero_points for p in parts])[plan.order] if first.zero_points is not None else None
     return QuantizedTensor(first.scheme, (n, first.shape[1]), torch.cat([p.data for p in parts])[plan.order],
-                           scales, zeros, first.block_size, first.nibble_order)
+                           torch.cat([p.scales for p in parts])[plan.order], zeros, first.block_size,
+                           first.nibble_order)
 
 
-def _tile_rows(parts: list[QuantizedTensor], order: torch.Tensor, where: str) -> torch.Tensor:
-    """Scale row (over the parts' concatenated tile rows) of each 128-row tile of the stored tensor; refused unless
-    every stored tile is one whole tile of one part, its rows in order (a fused tensor must not cut fp8 tiles)."""
-    sizes = torch.tensor([p.shape[0] for p in parts])
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)[:-1]])
-    tile_starts = torch.cat([torch.zeros(1, dtype=torch.long), (-(-sizes // FP8_TILE)).cumsum(0)[:-1]])
-    part = torch.repeat_interleave(torch.arange(len(parts)), sizes)  # part of each concatenated row
-    within = torch.arange(int(sizes.sum())) - starts[part]  # its row inside that part
-    tile = (tile_starts[part] + within // FP8_TILE)[order]  # the tile row each stored row's scale comes from
-    stored = torch.arange(order.numel())
-    if not (torch.equal(tile, tile[::FP8_TILE].repeat_interleave(FP8_TILE)[:order.numel()])
-            and torch.equal(within[order] % FP8_TILE, stored % FP8_TILE)):
-        raise UnsupportedModelError(f"{where}: the fp8 128x128 tiles of its parts do not fall "
-                                    "on whole 128-row blocks of the stored tensor; quantize it with "
-                                    "another scheme (or keep it in float)")
-    return tile[::FP8_TILE]
+def _row_scales(qt: QuantizedTensor) -> torch.Tensor:
+    """An fp8 tensor's scales as one row per weight row, float32 [N, ceil(K/128)]."""
+    if qt.scheme == FP8_ROWS:
+        return qt.scales
+    return qt.scales.repeat_interleave(FP8_TILE, dim=0)[:qt.shape[0]]
+
+
+def _as_tiles(qt: QuantizedTensor, where: str) -> QuantizedTensor:
+    """An fp8 tensor as 128x128 tiles, the only fp8 layout the engines load: per-row scales (FP8 sources whose
+    tiles straddled two canonical tensors, or a fused tensor put back together) collapse to tiles when each 128-row
+    block's rows share their scales, which is the case for anything that came from tiles; otherwise refused."""
+    if qt.scheme == FP8:
+        return qt
+    rows = _row_scales(qt)
+    tiles = rows[::FP8_TILE]
+    if not torch.equal(rows, tiles.repeat_interleave(FP8_TILE, dim=0)[:qt.shape[0]]):
+        raise UnsupportedModelError(f"{where}: fp8 scales differ inside a 128-row block (scheme {qt.scheme}, or "
+                                    "tiles cut by a fused tensor): no 128x128-tile form; quantize it with another "
+                                    "scheme or keep it in float")
+    return QuantizedTensor(FP8, qt.shape, qt.data, tiles.contiguous(), block_size=(FP8_TILE, FP8_TILE))
 
 
 def _module(key: str) -> str:
@@ -265,7 +279,9 @@ def hf_config(graph: Graph, family: Family) -> dict[str, Any]:
     c = graph.config.to_json()
     for k in ("family", "rope_scaling", "rope_theta", "partial_rotary_factor", "mrope_section"):
         c.pop(k, None)
-    doc.update({k: list(v) if isinstance(v, tuple) else v for k, v in c.items() if v is not None})
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    doc.update({k: list(v) if isinstance(v, tuple) else v for k, v in c.items()
+                if v is not None and (k in doc or v != defaults[k])})  # the source's keys, and what differs
     if family.name != "qwen3_next":  # Qwen3.5's configs have no dense-layer knobs
         for k in ("mlp_only_layers", "decoder_sparse_step", "norm_topk_prob"):
             doc.pop(k, None)
@@ -299,7 +315,8 @@ def _ct_args(scheme: str) -> dict[str, Any]:
 
 
 def quantization_config(modules: dict[str, str], floats: list[str]) -> dict[str, Any] | None:
-    """`quantization_config` for quantized `modules` (name -> scheme) and the Linear modules left in `floats`."""
+    """`quantization_config` for quantized `modules` (name -> scheme) and the Linear / Embedding modules left in
+    `floats` (`ignore`, `modules_to_not_convert`)."""
     if not modules:
         return None
     schemes = Counter(modules.values())
@@ -309,8 +326,12 @@ def quantization_config(modules: dict[str, str], floats: list[str]) -> dict[str,
     experts = Counter(s for m, s in modules.items() if ".mlp.experts." in m)
     main = (experts or schemes).most_common(1)[0][0]  # the routed experts' scheme targets Linear (vLLM's MoE path)
     groups = {}
-    for i, s in enumerate(sorted(schemes, key=lambda s: s != main)):
-        targets = ["Linear"] if s == main else sorted(m for m, ms in modules.items() if ms == s)
+    # the groups naming their modules first: compressed-tensors matches a module against the targets in order
+    for i, s in enumerate(sorted(schemes, key=lambda s: s == main)):
+        if s == main:
+            targets = ["Linear", *([EXPERTS_TARGET] if experts else [])]
+        else:
+            targets = sorted(m for m, ms in modules.items() if ms == s)
         groups[f"group_{i}"] = {"targets": targets, **_ct_args(s)}
     formats = {g["format"] for g in groups.values()}
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
@@ -344,9 +365,9 @@ def scheme_of(t: Any) -> str | None:
     return meta["scheme"] if isinstance(meta, dict) else getattr(t, "scheme", None)
 
 
-def _is_linear(key: str, shape: tuple[int, ...]) -> bool:
-    """Whether a stored weight belongs to an nn.Linear (what compressed-tensors quantizes or lists in `ignore`)."""
-    return key.endswith(".weight") and len(shape) == 2 and "norm" not in key and "embed_tokens" not in key
+def _is_matrix(key: str, shape: tuple[int, ...]) -> bool:
+    """Whether a stored weight is an nn.Linear's or an nn.Embedding's (listed as a module when left in float)."""
+    return key.endswith(".weight") and len(shape) == 2 and "norm" not in key
 
 
 def export_hf(graph: Graph, out: str | Path, *, tensor_parallel: int = 1, force: bool = False,
@@ -359,10 +380,8 @@ def export_hf(graph: Graph, out: str | Path, *, tensor_parallel: int = 1, force:
     schemes = {s for t in graph.tensors.values() if (s := scheme_of(t)) is not None}
     for s in sorted(schemes):
         _form(s)  # refuse schemes without a form before writing anything
-    ct = bool(schemes - {FP8, "bf16", "f16", "f32"})  # compressed-tensors, else Qwen's FP8 layout (or none)
+    ct = bool(schemes - {*FP8_SCHEMES, "bf16", "f16", "f32"})  # compressed-tensors, else Qwen's FP8 layout (or none)
     report = ExportReport()
-    embed = graph.get("embed.weight")
-    float_dtype = embed.dtype if isinstance(embed, torch.Tensor) else torch.bfloat16
     keep_float = [*ALWAYS_FLOAT, *([BA] if tensor_parallel >= 2 else [])]
     config = hf_config(graph, family)
     modules: dict[str, str] = {}
@@ -377,14 +396,14 @@ def export_hf(graph: Graph, out: str | Path, *, tensor_parallel: int = 1, force:
                 t = t.data  # float pass-through scheme
             if isinstance(t, QuantizedTensor):
                 why = ("the serving engines need it unquantized" if any(re.fullmatch(rx, module) for rx in keep_float)
-                       else "compressed-tensors quantizes Linear layers only"
-                       if not _is_linear(plan.key, t.shape) else None)
+                       else "the checkpoint formats quantize Linear layers only"
+                       if "embed_tokens" in plan.key or not _is_matrix(plan.key, t.shape) else None)
                 if why:
                     report.dequantized[module] = why
-                    t = t.dequantize().to(float_dtype)
+                    t = t.dequantize()  # float32: q * scale is exact there, not always in bf16
                 else:
                     modules[module] = t.scheme
-            if isinstance(t, torch.Tensor) and _is_linear(plan.key, tuple(t.shape)):
+            if isinstance(t, torch.Tensor) and _is_matrix(plan.key, tuple(t.shape)):
                 floats.append(module)
             writer.add(plan.key, _stored(plan.key, t, ct))
         writer.flush()
