@@ -63,18 +63,27 @@ def build_tools(targets: list[str] | tuple[str, ...] = DEFAULT_TARGETS, cache: P
     """
     cache = Path(cache) if cache is not None else cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    build, bin_dir = cache / "build", cache / "build" / "bin"
+    build, bin_dir, done = cache / "build", cache / "build" / "bin", cache / "built.txt"
+
+    def missing() -> list[str]:  # targets not yet built to the end (done lists each one once its build returned)
+        built = set(done.read_text().split()) if done.is_file() else set()
+        return [t for t in targets if t not in built or not (bin_dir / t).is_file()]
+
+    if not missing():  # built earlier: no need to wait for a build of other targets in progress
+        return bin_dir
     with (cache / "build.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building into this cache: wait for it
-        missing = [t for t in targets if not (bin_dir / t).is_file()]
-        if not missing:
+        todo = missing()
+        if not todo:
             return bin_dir
         root = llama_cpp_converter.source_root(cache / "src")
         log = cache / "build.log"
         if not (build / "CMakeCache.txt").is_file():
             _run_logged(["cmake", "-S", str(root), "-B", str(build), *CMAKE_OPTIONS], log, nice)
-        for t in missing:  # one at a time, in the order asked: the first ones are usable first
+        for t in todo:  # one at a time, in the order asked: the first ones are usable first
             _run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", t], log, nice)
+            with done.open("a") as f:
+                f.write(t + "\n")
     return bin_dir
 
 
