@@ -27,6 +27,10 @@ class RecipeError(NextqError):
     """A quantization recipe names an unknown tensor class or scheme, or a scheme a tensor cannot take."""
 
 
+class CalibrationError(NextqError):
+    """Calibration cannot run on the given text or windows (too short, no tokens reaching a layer)."""
+
+
 class PublishError(NextqError):
     """Publishing to the Hub cannot start or did not complete (token, repo id, artifacts, reports, upload)."""
 

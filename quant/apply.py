@@ -132,16 +132,17 @@ def _source_bytes(t: Any, rows: int | None = None) -> int:
     return math.prod(shape) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
 
 
-def _row_ranges(t: Any, entry: PlanEntry, stats: calibrate.CalibrationStats | None) -> list[tuple[int, int]]:
+def _row_ranges(name: str, t: Any, entry: PlanEntry, stats: calibrate.CalibrationStats | None
+                ) -> list[tuple[int, int]]:
     """Row blocks [start, stop) to compute a large weight in, read block by block; [] to compute it whole.
 
     Every scheme is row-local in blocks of `row_block` rows (quant.schemes.quantize relies on it too); calibrated
-    quantization is not split (its statistics are per tensor).
+    quantization is not split (its statistics are per tensor), nor is any tensor the calibration stream runs.
     """
     rows = row_block(tuple(t.shape))
     if rows is None or not isinstance(t, SourceTensor) or t.read_rows is None:
         return []
-    if stats is not None and calibrate.is_calibratable(entry.scheme):
+    if stats is not None and (calibrate.is_calibratable(entry.scheme) or stats.whole(name)):
         return []
     n = t.shape[0]
     return [(i, min(i + rows, n)) for i in range(0, n, rows)]
@@ -156,7 +157,8 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
 
     Consume it (Graph.save, export_gguf, export_onnx) inside the `with`; jobs run ahead in `order` (default: the
     graph's), so pass the order the consumer reads in (e.g. `gguf_export.consumption_order`). Each finished tensor
-    is recorded in `records` and reported to `on_done(name, source bytes)` (progress).
+    is recorded in `records` and reported to `on_done(name, source bytes)` (progress). With `stats` (layer-streamed
+    calibration) the view's tensors come in the stream's layer order, and each is handed back to `stats.record`.
     """
     if method not in calibrate.QUANTIZERS:
         raise NextqError(f"calibration method: unknown {method!r}; supported: {', '.join(calibrate.QUANTIZERS)}")
@@ -167,7 +169,7 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
                               f"{', '.join(SOURCE_SCHEMES)})")
     shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
     plan = plan_schemes(recipe, graph.config, shapes)
-    names = list(graph.tensors)
+    names = stats.order() if stats is not None else list(graph.tensors)
     order = list(order) if order is not None else names
     if sorted(order) != sorted(names):
         raise NextqError(f"quantized_view: order lists {len(order)} tensors, the graph has {len(names)}")
@@ -175,7 +177,7 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
     jobs: dict[str, tuple[str, tuple[int, int] | None]] = {}
     parts: dict[str, tuple[str, ...]] = {}
     for n in order:
-        ranges = _row_ranges(graph.tensors[n], plan[n], stats)
+        ranges = _row_ranges(n, graph.tensors[n], plan[n], stats)
         parts[n] = tuple(f"{n}[{a}:{b}]" for a, b in ranges)
         jobs |= dict(zip(parts[n], ((n, ab) for ab in ranges))) if ranges else {n: (n, None)}
     sizes = {k: _source_bytes(graph.tensors[n], None if ab is None else ab[1] - ab[0]) for k, (n, ab) in jobs.items()}
@@ -191,6 +193,8 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
             t, how, tokens = quantize_tensor(name, t, entry, stats, method, min_tokens)
         except (ValueError, RuntimeError) as e:  # say which tensor (which expert, which rows) failed
             raise NextqError(f"{key}: quantizing as {entry.scheme} failed: {e}") from e
+        if stats is not None and ab is None:
+            stats.record(name, t)
         with lock:  # a large weight's row blocks add up to one record (a block computed twice counts once)
             done[key] = (math.prod(shapes[name] if ab is None else (ab[1] - ab[0], *shapes[name][1:])), _nbytes(t))
             got = [done[k] for k in parts[name] or (name,) if k in done]
@@ -211,9 +215,13 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
         return (None, FLOAT_DTYPES[s]) if s in FLOAT_DTYPES else (s, None)
 
     lazy = {n: PendingTensor(n, shapes[n], pre, *planned(n), parts=parts[n]) for n in names}
+    if stats is not None:
+        stats.begin()
     try:
         yield Graph(graph.config, lazy, dict(graph.provenance), dict(graph.assets))
     finally:
+        if stats is not None:
+            stats.end()
         pre.close()
 
 
@@ -251,25 +259,27 @@ def quantize_graph(graph: Graph, recipe: Recipe, out: str | Path, *, force: bool
                    progress: Callable | None = None, on_done: Callable[[str, int], None] | None = None) -> dict:
     """Quantize `graph` with `recipe` into the IR directory `out`; returns the report (also stored in the IR).
 
-    With `stats` (from `calibrate.collect_stats`), int4 tensors whose input was recorded are quantized with
-    `method`; the rest of the int4 tensors, and every tensor with too few tokens, with RTN.
+    With `stats` (from `calibrate.collect_stats`, computed layer by layer as the tensors come up), tensors of a
+    calibratable scheme are quantized with `method`; those whose input saw too few tokens with RTN.
     """
     records: dict[str, TensorRecord] = {}
     with quantized_view(graph, recipe, stats=stats, method=method, min_tokens=min_tokens, workers=workers,
                         records=records, on_done=on_done) as qgraph, tempfile.TemporaryDirectory() as tmp:
         plan = plan_schemes(recipe, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})
         calibrated = {n for n, e in plan.items() if calibrate.is_calibratable(e.scheme)}
-        coverage = (calibrate.coverage_report(stats, calibrated, min_tokens, method) if stats is not None else None)
-        qgraph.provenance = {**graph.provenance, "quantization": {"recipe": recipe.to_json(),
-                                                                   "calibration": _summary(coverage)}}
-        if coverage is not None:
-            (Path(tmp) / REPORT_MD).write_text(calibrate.coverage_markdown(coverage))
+        if stats is not None:
             qgraph.assets[REPORT_MD] = Path(tmp) / REPORT_MD
         qgraph.assets[REPORT_JSON] = Path(tmp) / REPORT_JSON
         report: dict = {}
 
-        def write_report(items):  # runs inside save, after the last tensor and before the assets are copied
+        def write_report(items):  # runs inside save, after the last tensor and before graph.json and the assets
             yield from items
+            # layer-streamed statistics: every layer's expert token counts are known once its tensors are done
+            coverage = calibrate.coverage_report(stats, calibrated, min_tokens, method) if stats is not None else None
+            qgraph.provenance = {**graph.provenance, "quantization": {"recipe": recipe.to_json(),
+                                                                       "calibration": _summary(coverage)}}
+            if coverage is not None:
+                (Path(tmp) / REPORT_MD).write_text(calibrate.coverage_markdown(coverage))
             report.update(build_report(recipe, records, coverage))
             (Path(tmp) / REPORT_JSON).write_text(json.dumps(report, indent=1))
 

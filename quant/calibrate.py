@@ -1,16 +1,23 @@
-"""Data-aware int4 for experts: input statistics recorded per expert through the reference runtime, then GPTQ
-(default) or activation-weighted MSE scale search ("awmse") per expert, with an explicit RTN fallback.
+"""Data-aware quantization (GPTQ / awmse per expert), its calibration statistics gathered layer by layer through
+the runtime's own layer functions, and the coverage report.
 
-Recording: `RecordingModel` is the torch runtime with its MoE block wrapped: before the block runs, the same
-`route()` the op uses picks each token's top-k experts, and each expert accumulates the Gram matrix of the tokens
-routed to it: X_e^T X_e `[H, H]` for gate/up, and M_e^T M_e `[I, I]` for down (M_e = silu(X_e G_e^T) * X_e U_e^T,
-computed with the unquantized weights). The shared expert sees every token of its layer. The MTP head is run too
-(its experts are routed on the main model's hidden states), so its experts get statistics as well. Every other
-weight (attention, DeltaNet, dense MLP, lm_head, mtp.fc) gets sum x x^T of its input through a stand-in for
-torch.nn.functional that the runtime module uses while recording (`RecordingFunctional`): runtime/ is not edited.
-Memory: one [K, K] float64 matrix per weight (per expert: [H, H] + [I, I]); fine for the tiny and mid-size models,
-but Qwen3-Next-80B's 512 experts x 48 layers would need ~0.4 TB: such a model needs a layer-by-layer pass (not
-implemented; awmse only needs the diagonals).
+Statistics (`CalibrationStats`, from `collect_stats`): calibration windows `[N, T]` run through the model one
+layer at a time (runtime/stream.py `LayerStream`: only that layer's tensors held, the windows' hidden states kept
+between layers), and an Observer of the runtime (`GramObserver`) sums H = X^T X `[K, K]` (float32, on the stream's
+device) of the input of every weight the recipe calibrates: attention, DeltaNet, dense MLP, shared expert, lm_head,
+mtp.fc, and each routed expert on exactly the tokens routed to it (X_e for gate/up, M_e = silu(X_e G_e^T) * X_e U_e^T
+for down). Statistics are computed when the quantizer first asks for a weight of a layer (`hessian(name)`), and the
+stream only moves forward: one layer's statistics are held at a time, and a layer's experts are done in chunks of
+about `chunk_bytes` of Gram matrices (the layer's MoE input tokens and routing are kept, each chunk re-runs its
+experts on them), so at Qwen3-Next-80B's dimensions (512 experts, [2048, 2048] per expert) the statistics stay
+~1 GiB instead of 16 GiB per layer. The MTP head runs on the main model's final hidden states, so its experts get
+statistics too. The embedding is a lookup and is never calibrated (tied or not).
+
+Modes (`mode=`): "sequential" (default) -- layer i+1's statistics come from the outputs of layer i *as quantized*
+(its stored tensors handed back through `record`), the scheme GPTQModel and llm-compressor use; "original" -- from
+the unquantized model's outputs. Measured on the embedded model (scripts/bench_quant.py, see the README's
+quantization section), sequential is the better one and the default. Within a layer the statistics come from the
+layer's unquantized weights; the embedding, final norm and MTP head's own inputs come from the unquantized model.
 
 Methods (quant/gptq.py, on the grid of every calibratable scheme: int4 groups and the K-quants; each returns the
 same QuantizedTensor as the RTN scheme, so exporters copy it unchanged, e.g. as Q4_0 or Q4_K blocks):
@@ -25,154 +32,255 @@ the coverage report: its statistics would describe too few inputs (never a divis
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sysconfig
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from nextq.graph import Graph, Layer, SparseMoE
-from nextq.runtime import ops
-from nextq.runtime.model import TorchModel
+from nextq.errors import CalibrationError
+from nextq.graph import Graph, expected_tensors
+from nextq.runtime.model import LayerMath, Observer, Weights
+from nextq.runtime.stream import LayerStream
 
 from .gptq import QUANTIZERS, quantize_awmse, quantize_gptq, search_group_params  # noqa: F401 (re-exported)
 from .schemes import SCHEMES, quantize
-from .tensor import QuantizedTensor
+from .tensor import QUANT_FIELDS, QuantizedTensor
 
 MIN_TOKENS = 16
+MODES = ("sequential", "original")
+CHUNK_BYTES = 512 << 20  # float32 Gram matrices of one chunk of experts (two chunks are kept: workers straddle)
+EXPERT = re.compile(r"(.*\.ffn)\.experts\.(\d+)\.(gate|up|down)\.weight")
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class FfnStats:
-    """Sums over calibration tokens for one MoE block: per-expert token counts and input Gram matrices."""
+class GramObserver(Observer):
+    """Sums H = x^T x `[K, K]` (float32) and token counts of the inputs of the weights in `wanted`; with
+    `capture_moe`, keeps every MoE block's input tokens [N, H] and routing ids [N, K] (its experts' statistics are
+    computed afterwards, a chunk at a time). Weights fed the very same input (q, k, v, z, b, a; gate and up) share
+    one accumulator."""
 
-    tokens: torch.Tensor  # [E] int64
-    x: torch.Tensor  # [E, H, H] float64: sum of x x^T over tokens routed to e (gate/up input)
-    mid: torch.Tensor  # [E, I, I] float64: the same for down's input
-    shared_tokens: int = 0
-    shared_x: torch.Tensor | None = None  # [H, H]
-    shared_mid: torch.Tensor | None = None  # [Is, Is]
+    def __init__(self, wanted: Callable[[str], bool], capture_moe: bool = False):
+        self.wanted, self.capture_moe = wanted, capture_moe
+        self.grams: dict[str, list] = {}  # name -> [tokens, H [K, K]]
+        self.moe: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.tokens = 0  # tokens that entered the observed layer functions (its first linear's input)
+        self._last: tuple | None = None  # (input key, name, pinned input): detects a shared input
+
+    def on_linear(self, name: str, x: torch.Tensor) -> None:
+        if not self.wanted(name):
+            return
+        key = (x.data_ptr(), tuple(x.shape), x.stride())
+        if self._last is not None and self._last[0] == key:
+            first = self.grams[self._last[1]]
+            if self.grams.setdefault(name, first) is first:  # the same input as the previous weight: shared
+                return
+        xf = x.float()
+        entry = self.grams.setdefault(name, [0, torch.zeros(x.shape[1], x.shape[1], device=x.device)])
+        entry[0] += x.shape[0]
+        entry[1].addmm_(xf.T, xf)
+        self._last = (key, name, x)
+
+    def on_route(self, prefix: str, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        if self.capture_moe:
+            self.moe.setdefault(prefix, []).append((x.float(), ids))
 
 
-@dataclass
 class CalibrationStats:
-    """Statistics for every MoE block (keyed by its prefix, e.g. "layers.3.ffn"), for every other weight applied
-    through F.linear (keyed by its name: attention, DeltaNet, dense MLP, lm_head, mtp.fc), and the token count."""
+    """Calibration statistics computed layer by layer on demand (see the module docstring).
 
-    ffn: dict[str, FfnStats] = field(default_factory=dict)
-    linear: dict[str, list] = field(default_factory=dict)  # name -> [tokens, H = sum x x^T [K, K] float64]
-    tokens: int = 0
+    `hessian(name)` -> (tokens seen, H [K, K]) for the input of weight `name`, or None when it has none; asking for
+    a later layer moves the stream on (in "sequential" mode once every tensor of the current layer has been handed
+    back through `record`; outside a run -- `begin` .. `end`, which `quant.apply.quantized_view` calls -- any order,
+    from the unquantized model). `expert_tokens[prefix]`: tokens per routed expert of each MoE block reached so
+    far. Thread-safe: the quantizer's workers ask concurrently, in the stream's layer order (`order()`).
+    """
+
+    def __init__(self, graph: Graph, windows: torch.Tensor, wanted: Iterable[str] | None = None, *,
+                 mode: str = "sequential", device: str | torch.device = "cpu", batch: int = 4,
+                 chunk_bytes: int = CHUNK_BYTES, on_stage: Callable[[str, float], None] | None = None):
+        if mode not in MODES:
+            raise CalibrationError(f"calibration mode: unknown {mode!r}; supported: {', '.join(MODES)}")
+        if windows.dim() != 2 or windows.numel() == 0:
+            raise CalibrationError(f"calibration windows: expected [N, T] token ids with N, T >= 1, "
+                                   f"got shape {tuple(windows.shape)}")
+        c = graph.config
+        self.graph, self.config, self.mode, self.on_stage = graph, c, mode, on_stage
+        self.stream = LayerStream(graph, device, torch.float32, batch=batch)
+        self.ids = windows.to(self.stream.device)
+        self.tokens = windows.numel()
+        linear = {n for n, s in expected_tensors(c).items() if len(s.shape) == 2 and n != "embed.weight"}
+        self.wanted = linear if wanted is None else linear & set(wanted)
+        head = self.stream.math.head_name
+        # stages: each decoder layer, then the final norm + LM head, then the MTP head
+        self.stages: list[tuple[str, list[str]]] = [(ly.prefix, self.stream.names(ly)) for ly in self.stream.layers]
+        self.stages.append(("head", ["norm.weight"] + ([head] if head != "embed.weight" else [])))
+        if self.stream.mtp is not None:
+            self.stages.append(("mtp", self.stream.names(self.stream.mtp)))
+        self.stage_of = {n: i for i, (_, names) in enumerate(self.stages) for n in names}
+        h, i_dim = c.hidden_size, c.moe_intermediate_size
+        self.chunk = max(1, chunk_bytes // (4 * (h * h + i_dim * i_dim)))  # experts per chunk
+        self.expert_tokens: dict[str, torch.Tensor] = {}
+        self.recorded: dict[str, torch.Tensor | QuantizedTensor] = {}
+        self.cond = threading.Condition(threading.RLock())
+        self.running = False  # inside a quantization run (begin .. end): sequential mode waits for `record`
+        self._restart()
+
+    # -- the stream ---------------------------------------------------------------------------------------------
+
+    def _restart(self) -> None:
+        self.pos = -1  # the stage whose statistics are held
+        self.x: torch.Tensor | None = None  # input hidden states of stage `pos` (after it ran: of the next stage)
+        self.final: torch.Tensor | None = None  # final-normed hidden states (the MTP head's input)
+        self.obs: GramObserver | None = None
+        self.x_out: torch.Tensor | None = None
+        self.chunks: dict[tuple[str, int], dict[str, list]] = {}
+
+    def _complete(self, stage: int) -> bool:
+        return all(n in self.recorded for n in self.stages[stage][1] if n in self.graph.tensors)
+
+    @property
+    def sequential(self) -> bool:
+        return self.mode == "sequential" and self.running
+
+    def begin(self) -> None:
+        """Start a quantization run: the stream restarts from the embedding; in sequential mode each layer then
+        waits for its tensors to be handed back (`record`) before the next layer's statistics."""
+        with self.cond:
+            self.running = True
+            self.recorded.clear()
+            self._restart()
+
+    def end(self) -> None:
+        """End the run (also when it failed: threads waiting for a layer's tensors stop waiting)."""
+        with self.cond:
+            self.running = False
+            self.recorded.clear()
+            self._restart()
+            self.cond.notify_all()
+
+    def _advance_to(self, target: int) -> None:
+        if target < self.pos:
+            if self.sequential:
+                raise CalibrationError(f"sequential calibration: {self.stages[target][0]} asked after "
+                                       f"{self.stages[self.pos][0]}; tensors must be quantized in layer order")
+            self._restart()  # outside a sequential run: the unquantized model's statistics, any order
+        while self.pos < target:
+            stage = self.pos
+            if self.sequential and 0 <= stage < len(self.stream.layers):
+                self.cond.wait_for(lambda: not self.sequential or self.pos != stage or self._complete(stage))
+                if not self.running:
+                    raise CalibrationError("calibration: the quantization run ended while a layer was pending")
+                if self.pos != stage:
+                    continue
+            self._step()
+
+    def _step(self) -> None:
+        """Finish stage `pos` (its output becomes the next stage's input) and compute the next one's statistics."""
+        t0 = time.perf_counter()
+        s, layers = self.pos, self.stream.layers
+        if s == -1:
+            self.x = self.stream.embed(self.ids)
+        elif s < len(layers):
+            if self.sequential:  # rerun the layer as it was quantized
+                names = self.stages[s][1]
+                values = {n: self.recorded.pop(n) for n in names if n in self.recorded}
+                self.stream.observer = None
+                with self.stream.holding(names, values):
+                    self.x = self.stream.run_layer(layers[s], self.x)
+            else:
+                self.x = self.x_out
+        self.obs, self.chunks, self.x_out = None, {}, None
+        self.pos = s = s + 1
+        name, names = self.stages[s]
+        obs = GramObserver(lambda n: n in self.wanted and EXPERT.fullmatch(n) is None, capture_moe=True)
+        self.stream.observer = obs
+        if s < len(layers):
+            with self.stream.holding(names):
+                self.x_out = self.stream.run_layer(layers[s], self.x)
+            tokens = self.ids.numel()
+        elif name == "head":
+            self.final = self.stream.final_norm(self.x)
+            obs.on_linear(self.stream.math.head_name, self.final.reshape(-1, self.final.shape[-1]))  # the head's input
+            tokens = self.ids.numel()
+        else:  # the MTP head, on the main model's final hidden states
+            self.stream.mtp_hidden(self.final, self.ids)
+            tokens = self.ids.shape[0] * (self.ids.shape[1] - 1)
+        self.stream.observer = None
+        if tokens == 0:
+            raise CalibrationError(f"{name}: 0 calibration tokens reached it (windows {tuple(self.ids.shape)}); "
+                                   "use windows of at least 2 tokens")
+        for p, parts in obs.moe.items():
+            ids = torch.cat([i for _, i in parts])
+            self.expert_tokens[p] = torch.bincount(ids.reshape(-1), minlength=self.config.num_experts).cpu()
+        self.obs = obs
+        if self.on_stage is not None:
+            self.on_stage(name, time.perf_counter() - t0)
+
+    def _expert_chunk(self, p: str, chunk: int) -> dict[str, list]:
+        """Gram matrices of the routed experts chunk * self.chunk .. of MoE block `p`, from the block's captured
+        input tokens: each expert's gate/up input (its tokens) and down input (their SwiGLU midpoint, computed by
+        the runtime's `mlp` with the expert's unquantized weights). The last two chunks are kept."""
+        if (p, chunk) not in self.chunks:
+            x = torch.cat([x for x, _ in self.obs.moe[p]])  # [N, H]
+            ids = torch.cat([i for _, i in self.obs.moe[p]])  # [N, K]
+            obs = GramObserver(lambda n: True)
+            math = LayerMath(self.config, Weights(self.config, self.stream.device, torch.float32), obs)
+            for e in range(chunk * self.chunk, min((chunk + 1) * self.chunk, self.config.num_experts)):
+                rows = (ids == e).any(-1)
+                if not bool(rows.any()):
+                    continue
+                for part in ("gate", "up", "down"):
+                    math.w.put(f"{p}.experts.{e}.{part}.weight", self.graph.get(f"{p}.experts.{e}.{part}.weight"))
+                math.mlp(x[rows], f"{p}.experts.{e}")
+                math.w.clear()
+            while len(self.chunks) >= 2:
+                self.chunks.pop(next(iter(self.chunks)))
+            self.chunks[(p, chunk)] = obs.grams
+        return self.chunks[(p, chunk)]
+
+    # -- what the quantizer asks -----------------------------------------------------------------------------
 
     def hessian(self, name: str) -> tuple[int, torch.Tensor] | None:
-        """(tokens seen, H = sum x x^T [K, K]) for the input of weight `name`; None when not recorded."""
-        if name in self.linear:
-            return self.linear[name][0], self.linear[name][1]
-        m = re.fullmatch(r"(.*\.ffn)\.(?:experts\.(\d+)|shared)\.(gate|up|down)\.weight", name)
-        if m is None or m.group(1) not in self.ffn:
+        """(tokens seen, H = sum x x^T [K, K] float32) for the input of weight `name`; None when not calibrated."""
+        stage = self.stage_of.get(name)
+        if stage is None or name not in self.wanted:
             return None
-        s = self.ffn[m.group(1)]
-        part = "mid" if m.group(3) == "down" else "x"
-        if m.group(2) is None:
-            return s.shared_tokens, getattr(s, f"shared_{part}")
-        e = int(m.group(2))
-        return int(s.tokens[e]), getattr(s, part)[e]
+        with self.cond:
+            self._advance_to(stage)
+            m = EXPERT.fullmatch(name)
+            grams = self._expert_chunk(m.group(1), int(m.group(2)) // self.chunk) if m else self.obs.grams
+            entry = grams.get(name)
+            return (int(entry[0]), entry[1]) if entry is not None else (0, None)
+
+    def whole(self, name: str) -> bool:
+        """Whether tensor `name` must be quantized whole (not in row blocks): the stream runs it."""
+        return name in self.stage_of
+
+    def record(self, name: str, t: torch.Tensor | QuantizedTensor) -> None:
+        """Hand back tensor `name` as it will be stored (sequential mode reruns its layer with it)."""
+        if self.sequential and self.stage_of.get(name, len(self.stream.layers)) < len(self.stream.layers):
+            with self.cond:
+                self.recorded[name] = t
+                self.cond.notify_all()
+
+    def order(self) -> list[str]:
+        """The graph's tensors in stream order (embedding, each layer, final norm and head, MTP)."""
+        return [n for n in expected_tensors(self.config) if n in self.graph.tensors]
 
 
-class RecordingFunctional:
-    """Stands in for torch.nn.functional inside nextq.runtime.model while recording: `linear(x, w)` also adds
-    x^T x to the statistics of w when w is one of the named weights (matched by identity)."""
-
-    def __init__(self, names: dict[int, str], stats: CalibrationStats):
-        self.names, self.stats = names, stats
-
-    def __getattr__(self, attr: str):
-        return getattr(F, attr)
-
-    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        name = self.names.get(id(w))
-        if name is not None:
-            x2 = x.reshape(-1, x.shape[-1]).float()  # [N, K]
-            entry = self.stats.linear.setdefault(name, [0, torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)])
-            entry[0] += x2.shape[0]
-            entry[1] += (x2.T @ x2).double()
-        return F.linear(x, w, b)
-
-
-class RecordingModel(TorchModel):
-    """The float32 torch runtime, recording each MoE block's routing and per-expert input statistics."""
-
-    def __init__(self, graph: Graph):
-        super().__init__(graph, "cpu", torch.float32)
-        self.stats = CalibrationStats()
-
-    def ffn(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if isinstance(layer.ffn, SparseMoE):
-            self.record(x2, layer.ffn.prefix)
-        else:  # dense MLP: ops.swiglu does not go through the recording F.linear
-            p, w = layer.ffn.prefix, self.w
-            mid = F.silu(x2 @ w[f"{p}.gate.weight"].T) * (x2 @ w[f"{p}.up.weight"].T)  # [N, I]
-            rec = RecordingFunctional({id(w[f"{p}.{n}.weight"]): f"{p}.{n}.weight" for n in ("gate", "up", "down")},
-                                      self.stats)
-            rec.linear(x2, w[f"{p}.gate.weight"]), rec.linear(x2, w[f"{p}.up.weight"])
-            rec.linear(mid, w[f"{p}.down.weight"])
-        return super().ffn(x, layer)
-
-    def record(self, x: torch.Tensor, p: str) -> None:
-        """x: [N, H] tokens entering MoE block `p`; routes them exactly as nextq::moe does."""
-        c, w = self.config, self.w
-        _, ids = ops.route(F.linear(x, w[f"{p}.router.weight"]), c.num_experts_per_tok, c.norm_topk_prob)  # [N, K]
-        gate, up = w[f"{p}.experts.gate"], w[f"{p}.experts.up"]  # [E, I, H]
-        e_count, i_dim, h_dim = gate.shape
-        s = self.stats.ffn.get(p)
-        if s is None:
-            f64 = dict(dtype=torch.float64)
-            s = self.stats.ffn[p] = FfnStats(torch.zeros(e_count, dtype=torch.int64),
-                                             torch.zeros(e_count, h_dim, h_dim, **f64),
-                                             torch.zeros(e_count, i_dim, i_dim, **f64))
-        for e in torch.unique(ids).tolist():
-            xe = x[(ids == e).any(-1)]  # [n_e, H]
-            mid = F.silu(xe @ gate[e].T) * (xe @ up[e].T)  # [n_e, I]
-            s.tokens[e] += xe.shape[0]
-            s.x[e] += (xe.T @ xe).double()
-            s.mid[e] += (mid.T @ mid).double()
-        mid = F.silu(x @ w[f"{p}.shared.gate.weight"].T) * (x @ w[f"{p}.shared.up.weight"].T)  # [N, Is]
-        s.shared_tokens += x.shape[0]
-        xx, mm = (x.T @ x).double(), (mid.T @ mid).double()
-        s.shared_x = xx if s.shared_x is None else s.shared_x + xx
-        s.shared_mid = mm if s.shared_mid is None else s.shared_mid + mm
-
-
-def collect_stats(graph: Graph, windows: torch.Tensor, batch: int = 4,
-                  progress: Callable | None = None) -> CalibrationStats:
-    """Run calibration windows `[B, T]` int64 through the model (and its MTP head) and record statistics."""
-    from nextq.runtime import model as runtime_model
-
-    model = RecordingModel(graph)
-    # every 2-D weight the runtime applies with F.linear, except the embedding (a lookup, even when tied)
-    # (lm_head is recorded on the main model's hidden states only, not on the MTP head's)
-    names = {id(t): n for n, t in model.w.items()
-             if t.dim() == 2 and n in graph.tensors and n not in ("embed.weight", "lm_head.weight")}
-    head = {} if graph.config.tie_word_embeddings else {id(model.lm_head): "lm_head.weight"}
-    chunks = list(windows.split(batch))
-    saved = runtime_model.F
-    runtime_model.F = RecordingFunctional(names, model.stats)
-    try:
-        for ids in (progress(chunks) if progress else chunks):
-            h = model.hidden(ids, model.new_state())  # [b, T, H]
-            RecordingFunctional(head, model.stats).linear(h, model.lm_head)
-            if model.mtp is not None:
-                model.mtp_logits(h[:, :-1], ids[:, 1:])
-            model.stats.tokens += ids.numel()
-    finally:
-        runtime_model.F = saved
-    return model.stats
+def collect_stats(graph: Graph, windows: torch.Tensor, wanted: Iterable[str] | None = None, *,
+                  mode: str = "sequential", device: str | torch.device = "cpu", batch: int = 4,
+                  on_stage: Callable[[str, float], None] | None = None) -> CalibrationStats:
+    """Statistics of calibration windows `[N, T]` int64 for the weights `wanted` (default: every matrix but the
+    embedding), computed layer by layer as the quantizer asks for them."""
+    return CalibrationStats(graph, windows, wanted, mode=mode, device=device, batch=batch, on_stage=on_stage)
 
 
 def default_calibration_text(max_chars: int = 400_000, exclude: str = "") -> str:
@@ -196,7 +304,7 @@ def token_windows(ids: list[int], n: int, length: int) -> torch.Tensor:
     """The first n consecutive windows of `length` tokens, `[n', length]` int64 (n' <= n if the text is short)."""
     n = min(n, len(ids) // length)
     if n == 0:
-        raise ValueError(f"calibration text: {len(ids)} tokens, need at least one window of {length}")
+        raise CalibrationError(f"calibration text: {len(ids)} tokens, need at least one window of {length}")
     return torch.tensor(ids[: n * length], dtype=torch.int64).reshape(n, length)
 
 
@@ -214,9 +322,15 @@ def quantize_calibrated(w: torch.Tensor, scheme: str, stats: CalibrationStats | 
     `min_tokens` calibration tokens, RTN otherwise (explicitly: the method string says "rtn")."""
     found = stats.hessian(name) if stats is not None and is_calibratable(scheme) else None
     tokens = found[0] if found else 0
-    if found is None or tokens < min_tokens:
+    if found is None or found[1] is None or tokens < min_tokens:
         return quantize(w, scheme), "rtn", tokens
-    return QUANTIZERS[method](w, found[1], scheme), method, tokens
+    h = found[1]
+    qt = QUANTIZERS[method](w.to(h.device), h, scheme)  # on the statistics' (the stream's) device
+    return _on_cpu(qt), method, tokens
+
+
+def _on_cpu(qt: QuantizedTensor) -> QuantizedTensor:
+    return dataclasses.replace(qt, **{f: getattr(qt, f).cpu() for f in QUANT_FIELDS if getattr(qt, f) is not None})
 
 
 # ---- coverage report ----------------------------------------------------------------------------------------
@@ -228,12 +342,12 @@ def coverage_report(stats: CalibrationStats, calibrated: set[str], min_tokens: i
     `calibrated`: the tensor names the recipe quantizes with a calibratable scheme.
     """
     layers = []
-    for p, s in stats.ffn.items():
+    for p, tokens in stats.expert_tokens.items():
         experts = sorted({int(m.group(1)) for n in calibrated
                           if (m := re.fullmatch(re.escape(p) + r"\.experts\.(\d+)\..*", n))})
         if not experts:
             continue
-        counts = [int(s.tokens[e]) for e in experts]
+        counts = [int(tokens[e]) for e in experts]
         fallback = [e for e, c in zip(experts, counts) if c < min_tokens]
         layers.append({
             "ffn": p, "experts": len(experts), "calibrated": len(experts) - len(fallback),

@@ -43,10 +43,14 @@ def calibration_windows(ir: Path, text_file: Path | None, tokens: int, length: i
               help="Data-aware method for int4 tensors.")
 @click.option("--min-tokens", default=calibrate.MIN_TOKENS, show_default=True,
               help="Experts seeing fewer calibration tokens fall back to round-to-nearest (reported).")
+@click.option("--calib-mode", type=click.Choice(list(calibrate.MODES)), default="sequential", show_default=True,
+              help="Statistics of layer i+1 from the outputs of layer i as quantized (sequential) or unquantized.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where calibration runs, layer by layer (cuda: each layer streamed host -> GPU, GPTQ there too).")
 @click.option("--workers", default=2, show_default=True, help="Quantization threads.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def quantize_cmd(ir, output, recipe, target_bpw, calibrate, calib_text, calib_tokens, method, min_tokens, workers,
-                 force):
+def quantize_cmd(ir, output, recipe, target_bpw, calibrate, calib_text, calib_tokens, method, min_tokens, calib_mode,
+                 device, workers, force):
     """Quantize the IR directory IR with a recipe (or to --target-bpw) into OUTPUT (another IR directory)."""
     from nextq.errors import RecipeError
     from nextq.graph import Graph
@@ -69,7 +73,9 @@ def quantize_cmd(ir, output, recipe, target_bpw, calibrate, calib_text, calib_to
         windows = calibration_windows(ir, calib_text, calib_tokens, 256)
         console.print(f"calibrating ({method}) on {windows.numel()} tokens "
                       f"from {calib_text or 'the standard library sources'}")
-        stats = cal.collect_stats(graph, windows, progress=lambda xs: progress_iter(xs, "calibration forward"))
+        wanted = None if rec is None else [n for n, e in plan.items() if cal.is_calibratable(e.scheme)]
+        stats = cal.collect_stats(graph, windows, wanted, mode=calib_mode, device=device,
+                                  on_stage=lambda name, s: console.print(f"  statistics of {name}: {s:.1f} s"))
     allocation = None
     if rec is None:
         rec, units, summary = allocate.target_recipe(

@@ -76,12 +76,14 @@ def search_group_params(wg: torch.Tensor, h: torch.Tensor, sym: bool) -> tuple[t
     """
     if sym:
         vmax = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))  # [..., 1]
-        d = _fp16(torch.cat([vmax * SHRINK / -8.0, vmax * SHRINK / 7.0], dim=-1))  # [..., S]
+        shrink = SHRINK.to(wg.device)
+        d = _fp16(torch.cat([vmax * shrink / -8.0, vmax * shrink / 7.0], dim=-1))  # [..., S]
         m = -8.0 * d
     else:
         lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        m = _fp16(lo * SHRINK)  # [..., S]
-        d = _fp16((hi - lo) * SHRINK / 15.0)
+        shrink = SHRINK.to(wg.device)
+        m = _fp16(lo * shrink)  # [..., S]
+        d = _fp16((hi - lo) * shrink / 15.0)
     w = wg.unsqueeze(-2)  # [..., 1, g]
     q = _codes(w, d.unsqueeze(-1), m.unsqueeze(-1))  # [..., S, g]
     err = ((w - (q * d.unsqueeze(-1) + m.unsqueeze(-1))) ** 2 * h.unsqueeze(-2)).sum(-1)  # [..., S]
@@ -179,15 +181,15 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> Quanti
     h = hessian.double().clone()
     dead = h.diagonal() <= 0
     h[dead, dead] = 1.0
-    h += DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    h += DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # [K, K]
     imp = _importance(hessian)
-    q = torch.zeros(n, k)
+    q = torch.zeros(n, k, device=w.device)  # on the statistics' device (cuda when calibration streams there)
     ps = []
     block = max(GPTQ_BLOCK // g, 1) * g
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        wb, errs, ub = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0), u[b0:b1, b0:b1]
+        wb, errs, ub = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0, device=w.device), u[b0:b1, b0:b1]
         for j in range(b1 - b0):
             i = b0 + j
             if i % g == 0:  # the grid block lies inside this lazy-update block (block is a multiple of g)

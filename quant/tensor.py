@@ -60,6 +60,15 @@ def join_rows(parts: Iterator[torch.Tensor | QuantizedTensor], n: int) -> torch.
     return dataclasses.replace(first, shape=(n, first.shape[1]), **out)
 
 
+def slice_rows(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    """Rows [start, stop) of a quantized weight, the inverse of `join_rows` (start a multiple of 128): a field with
+    one row per row is sliced by rows, one with a row per 128-row block (fp8_block128 scales) by blocks."""
+    n = qt.shape[0]
+    assert start % 128 == 0, start
+    out = {f: x[start:stop] if x.shape[0] == n else x[start // 128:-(-stop // 128)] for f, x in _fields(qt).items()}
+    return dataclasses.replace(qt, shape=(stop - start, qt.shape[1]), **out)
+
+
 def check_group(k: int, group_size: int, scheme: str) -> None:
     """Refuse K that is not a multiple of the group: a ragged last group would not map onto GGUF/ORT blocks."""
     if k % group_size != 0:

@@ -7,6 +7,8 @@ Hk / Hv (key / value heads), Dk / Dv (head dims), C (channels), K (kernel or top
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -136,6 +138,19 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tens
     return w, ids
 
 
+def expert_groups(ids: torch.Tensor, num_experts: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Token dispatch per expert: (expert e, token rows [n_e] ascending, their top-k slots [n_e]) for every expert
+    some token is routed to, in expert order. ids: [N, K]."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs sorted by expert, token order kept
+    start = 0
+    for e, c in enumerate(torch.bincount(flat, minlength=num_experts).tolist()):
+        if c:
+            pairs = order[start:start + c]
+            yield e, pairs // ids.shape[1], pairs % ids.shape[1]
+            start += c
+
+
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate x) * up x). x: [N, H]; gate, up: [I, H]; down: [H, I]."""
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
@@ -166,18 +181,9 @@ def moe(
 ) -> torch.Tensor:
     """Sparse MoE block with tokens dispatched per expert (same signature and result as moe_reference)."""
     w, ids = route(F.linear(x, router), top_k, normalize)  # [N, K]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=router.shape[0]).tolist()
-    token = order // top_k  # token of each sorted (token, slot) pair
     out = torch.zeros_like(x)
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            rows = token[start:start + c]
-            y = swiglu(x[rows], gate[e], up[e], down[e]) * w.reshape(-1)[order[start:start + c], None].to(x.dtype)
-            out.index_add_(0, rows, y)
-            start += c
+    for e, rows, slots in expert_groups(ids, router.shape[0]):
+        out.index_add_(0, rows, swiglu(x[rows], gate[e], up[e], down[e]) * w[rows, slots, None].to(x.dtype))
     shared = torch.sigmoid(F.linear(x, shared_gate_w)) * swiglu(x, shared_gate, shared_up, shared_down)
     return out + shared
 

@@ -76,7 +76,7 @@ def test_mtp_head_predicts_two_ahead(ir, heldout_ids):
     mtp = m.mtp_logits(hidden[:, :-1], ids[:, 1:]).numpy()  # predicts ids[:, 2:]
     target = heldout_ids[:, 2:]
     mtp_nll = nll(mtp[:, :-1], target).mean()
-    main = torch.nn.functional.linear(hidden, m.lm_head).numpy()
+    main = m.head(hidden).numpy()
     main_nll = nll(main[:, :-2], target).mean()  # the next-token head asked for t+2
     acc = (mtp[:, :-1].argmax(-1) == target).mean()
     assert acc > 0.2 and mtp_nll < main_nll

@@ -253,7 +253,8 @@ def test_calibrated_int4_is_still_q4_0(stats, ir):
 
 def test_coverage_and_explicit_fallback(ir, stats, tmp_path):
     graph = Graph.load(ir)
-    counts = stats.ffn["layers.0.ffn"].tokens.tolist()
+    stats.hessian("layers.0.ffn.experts.0.gate.weight")  # the stream reaches layer 0
+    counts = stats.expert_tokens["layers.0.ffn"].tolist()
     min_tokens = sorted(counts)[len(counts) // 2]  # half the experts of layer 0 fall below
     report = quantize_graph(graph, RECIPES["int4"], tmp_path / "q", stats=stats, min_tokens=min_tokens)
     layer0 = next(r for r in report["calibration"]["layers"] if r["ffn"] == "layers.0.ffn")
@@ -269,25 +270,80 @@ def test_coverage_and_explicit_fallback(ir, stats, tmp_path):
         assert same == (e in expected), e  # fallback experts are exactly RTN; calibrated ones differ
     assert "| layers.0.ffn |" in (tmp_path / "q" / REPORT_MD).read_text()
     # an expert no calibration token reached: RTN, no division by zero
-    empty = calibrate.CalibrationStats(ffn={"layers.0.ffn": calibrate.FfnStats(
-        torch.zeros(6, dtype=torch.int64), torch.zeros(6, 64, 64, dtype=torch.float64),
-        torch.zeros(6, 64, 64, dtype=torch.float64))})
+    class NoTokens:  # the statistics' interface, with no token for any expert of layer 0
+        tokens, expert_tokens = 0, {"layers.0.ffn": torch.zeros(6, dtype=torch.int64)}
+
+        def hessian(self, name):
+            return 0, torch.zeros(64, 64)
+
     name = "layers.0.ffn.experts.0.down.weight"
-    qt, how, tokens = calibrate.quantize_calibrated(graph.get(name), "int4_sym_g32", empty, name, "gptq")
+    qt, how, tokens = calibrate.quantize_calibrated(graph.get(name), "int4_sym_g32", NoTokens(), name, "gptq")
     assert (how, tokens) == ("rtn", 0) and torch.isfinite(qt.dequantize()).all()
-    cov = calibrate.coverage_report(empty, {name}, 16, "gptq")
+    cov = calibrate.coverage_report(NoTokens(), {name}, 16, "gptq")
     assert cov["coverage"] == 0.0 and cov["layers"][0]["fallback_rtn"] == [0]
 
 
 def test_routing_statistics_match_the_runtime(stats, ir):
-    """Every token reaches top-k experts: per-layer counts sum to tokens x top-k; the shared expert sees all."""
-    config = Graph.load(ir).config
-    for p, s in stats.ffn.items():
+    """Every token reaches top-k experts: per-layer counts sum to tokens x top-k; the shared expert sees all; and
+    the layer-streamed Gram matrices equal X^T X of the inputs the whole-model runtime feeds each weight."""
+    from nextq.runtime.model import Observer
+
+    graph = Graph.load(ir)
+    config = graph.config
+    blocks = [f"layers.{i}.ffn" for i in range(config.num_hidden_layers)] + ["mtp.layers.0.ffn"]
+    for p in blocks:
         n = 4 * 64 if not p.startswith("mtp") else 4 * 63  # the MTP head runs on T - 1 positions
-        assert int(s.tokens.sum()) == n * config.num_experts_per_tok, p
-        assert s.shared_tokens == n, p
-    assert stats.hessian("layers.3.mixer.o.weight")[0] == 4 * 64  # attention output projection via F.linear
+        tokens, h = stats.hessian(f"{p}.shared.gate.weight")
+        assert tokens == n and stats.hessian(f"{p}.shared.up.weight")[1] is h, p  # one input, one accumulator
+        assert int(stats.expert_tokens[p].sum()) == n * config.num_experts_per_tok, p
+    assert stats.hessian("layers.3.mixer.o.weight")[0] == 4 * 64  # attention output projection
     assert stats.hessian("embed.weight") is None
+
+    class Inputs(Observer):
+        def __init__(self, names):
+            self.names, self.x = names, {n: [] for n in names}
+
+        def on_linear(self, name, x):
+            if name in self.names:
+                self.x[name].append(x)
+
+    names = ["layers.2.ffn.experts.3.down.weight", "layers.1.mixer.q.weight", "lm_head.weight", "mtp.fc.weight"]
+    obs = Inputs(names)
+    windows = torch.randint(0, 2048, (4, 64), generator=torch.Generator().manual_seed(2))  # the fixture's windows
+    m = TorchModel(graph, observer=obs)
+    for w in windows.split(4):
+        h = m.hidden(w, m.new_state())
+        m.head(h)
+        m.mtp_logits(h[:, :-1], w[:, 1:])
+    for name in names:
+        x = torch.cat(obs.x[name])
+        if name == "lm_head.weight":
+            x = x[: 4 * 64]  # then the MTP head's output went through the head too
+        tokens, h = stats.hessian(name)
+        assert tokens == x.shape[0], name
+        torch.testing.assert_close(h, x.T @ x, rtol=1e-4, atol=1e-3)  # fp32 sums in another order
+
+
+def test_calibration_modes_and_bad_input(ir, tmp_path):
+    """Sequential (layer i+1 on the quantized layer i's outputs) and original statistics: the same for the first
+    layer, different after it; short text and windows no token reaches a layer with are one clear error."""
+    from nextq.errors import CalibrationError
+
+    graph = Graph.load(ir)
+    windows = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for mode in calibrate.MODES:
+        stats = calibrate.collect_stats(graph, windows, mode=mode)
+        quantize_graph(graph, RECIPES["int4"], tmp_path / mode, stats=stats)
+        out[mode] = Graph.load(tmp_path / mode)
+    first, later = "layers.0.ffn.experts.1.up.weight", "layers.3.ffn.experts.1.up.weight"
+    assert torch.equal(out["sequential"].get(first).data, out["original"].get(first).data)
+    assert not torch.equal(out["sequential"].get(later).data, out["original"].get(later).data)
+    with pytest.raises(CalibrationError, match="need at least one window of 256"):
+        calibrate.token_windows(list(range(100)), 4, 256)
+    one = calibrate.collect_stats(graph, windows[:, :1])  # the MTP head sees T - 1 = 0 positions
+    with pytest.raises(CalibrationError, match="mtp: 0 calibration tokens"):
+        one.hessian("mtp.fc.weight")
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------
