@@ -18,6 +18,9 @@ its target cannot drop trailing recurrent state, so on a partial acceptance it r
 the accepted tokens plus the correction as a new "draft", which is then counted as drafted and fully accepted.
 The comparable figure is counted from its debug log: each partial acceptance (A of N drafted), each full acceptance
 that is not such a replay. The draft head is greedy on both sides (llama.cpp takes the top candidate).
+The replay also moves where drafting resumes: llama.cpp's replay verifies the correction too and gets the token after
+it from the target, so it never drafts right after a correction, which nextq does. `nextq (llama.cpp's schedule)`
+runs nextq's drafter on that schedule (greedy): the figure that should equal llama.cpp's for the same head.
 """
 
 from __future__ import annotations
@@ -82,6 +85,54 @@ def bench_nextq(model, prompts: list[str], new_tokens: int) -> dict:
     return out
 
 
+def llama_cpp_schedule(drafter, ids: np.ndarray, new_tokens: int, k: int) -> tuple[np.ndarray, int, int]:
+    """Greedy speculative decoding through a backend's Drafter on llama.cpp's qwen3next schedule: after a partial
+    acceptance of n drafts, the target also takes [.., d_n, y] plus its own next token b (the replay) and drafting
+    resumes after b. Returns the new ids [1, N], drafted and accepted counts (replays not counted)."""
+    logits, hidden = drafter.prefill(ids)
+    tok = logits.argmax(-1)  # [1]
+    out, drafted, accepted, mtp_len = [tok], 0, 0, 0
+    pend_h, pend_ids = hidden, np.concatenate([ids[:, 1:], tok[:, None]], axis=1)
+    while len(out) < new_tokens:
+        kk = min(k, new_tokens - len(out) - 1)
+        drafts = []
+        if kk:
+            mlog, mh = drafter.draft(pend_h, pend_ids, mtp_len)
+            mtp_len += pend_ids.shape[1]
+            for i in range(kk):
+                drafts.append(mlog[:, -1].argmax(-1))
+                if i + 1 < kk:
+                    mlog, mh = drafter.draft(mh[:, -1:], drafts[-1][:, None], mtp_len + i)
+        vlog, vh = drafter.verify(np.concatenate([tok[:, None], *(d[:, None] for d in drafts)], axis=1))
+        picks = vlog[0].argmax(-1)  # the target's token after each verified one
+        n = next((i for i, d in enumerate(drafts) if d[0] != picks[i]), kk)
+        drafted, accepted = drafted + kk, accepted + n
+        new, pend_h = [np.array([t]) for t in picks[:n + 1]], vh[:, :n + 1]
+        drafter.keep(n + 1)
+        if n < kk:  # the replay: the correction y through the target too, its next token b for free
+            ylog, yh = drafter.verify(new[-1][:, None])
+            drafter.keep(1)
+            new.append(ylog[:, -1].argmax(-1))
+            pend_h = np.concatenate([np.asarray(pend_h), np.asarray(yh)], axis=1)
+        out += new
+        tok, pend_ids = out[-1], np.stack(new, axis=1)
+    return np.stack(out, axis=1)[:, :new_tokens], drafted, accepted
+
+
+def bench_llama_cpp_schedule(model, prompts: list[str], new_tokens: int) -> dict:
+    out = {}
+    for k in KS:
+        drafted = accepted = same = 0
+        for p in prompts:
+            ids = np.array([model.tokenizer(p)["input_ids"]])
+            got, d, a = llama_cpp_schedule(model.drafter("mtp"), ids, new_tokens, k)
+            drafted, accepted = drafted + d, accepted + a
+            same += int(bool((got == model.generate(ids, new_tokens)).all()))
+        out[k] = {"acceptance_rate": accepted / drafted, "drafted": drafted, "accepted": accepted,
+                  "same_as_plain": f"{same}/{len(prompts)}"}
+    return out
+
+
 def llama_cpp_counts(log: str) -> dict:
     """Drafted / accepted from llama-speculative-simple's debug log, replays after a checkpoint restore left out."""
     drafted = accepted = replays = 0
@@ -116,7 +167,7 @@ def bench_llama_cpp(bin_dir: Path, gguf: Path, mtp: Path, prompts: list[str], ne
             tot["reported"].append(c["reported_accept_pct"])
         out[k] = {"acceptance_rate": tot["accepted"] / max(tot["drafted"], 1), "drafted": tot["drafted"],
                   "accepted": tot["accepted"], "replays": tot["replays"],
-                  "reported_accept_pct_mean": float(np.mean([x for x in tot["reported"] if x is not None]))}
+                  "reported_accept_pct": [x for x in tot["reported"] if x is not None]}  # when its log has them
     return out
 
 
@@ -282,11 +333,15 @@ def main() -> None:
         export_gguf(graph, mtp, mtp_only=True)
         bin_dir = llama_cpp_tools.build_tools(["llama-speculative-simple"])
         result["llama.cpp"] = lc = bench_llama_cpp(bin_dir, gguf, mtp, prompts, args.new_tokens)
+        result["nextq_llama_cpp_schedule"] = sched = bench_llama_cpp_schedule(
+            nextq.load(paths.get("ort") or paths["torch"]), prompts, args.new_tokens)
         ref = next(iter(result["nextq"].values()), None)
         for k, v in lc.items():
             ours = f", nextq {ref['k'][k]['acceptance_rate']:.3f}" if ref else ""
+            ours += (f", nextq on llama.cpp's schedule {sched[k]['acceptance_rate']:.3f} "
+                     f"(same tokens as plain greedy: {sched[k]['same_as_plain']})")
             print(f"llama.cpp draft-mtp k={k}: acceptance {v['acceptance_rate']:.3f} ({v['accepted']}/{v['drafted']}, "
-                  f"{v['replays']} replays left out; its own accept line {v['reported_accept_pct_mean']:.1f} %){ours}")
+                  f"{v['replays']} replays left out){ours}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
