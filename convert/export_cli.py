@@ -11,15 +11,10 @@ def export_group():
 
 
 def _mount() -> None:
-    from .gguf_export import gguf_cmd
+    from nextq.targets import export_commands
 
-    export_group.add_command(gguf_cmd)
-    from .onnx_export import onnx_cmd
-
-    export_group.add_command(onnx_cmd)
-    from .hf_export import hf_cmd
-
-    export_group.add_command(hf_cmd)
+    for command in export_commands():
+        export_group.add_command(command)
 
 
 _mount()

@@ -19,23 +19,19 @@ The pipeline reports; gating (exit 1 on drift) is `nextq validate`'s job.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
 from rich.table import Table
 
 from .console import console, out
-from .errors import NextqError
 from .graph import Graph, atomic_output_dir, expected_tensors
+from .targets import EXPORT_TARGETS
 
 PROMPT = "def fibonacci(n):\n"
 
@@ -45,29 +41,7 @@ def embedded_model() -> Path:
     return Path(str(resources.files("nextq") / "assets" / "tiny"))
 
 
-@dataclass(frozen=True)
-class Exporter:
-    """One export target: the module and function that write it, and the artifact's name in the output dir."""
-
-    module: str
-    function: str
-    artifact: str
-
-    def load(self, fmt: str) -> Callable[[Graph, Path], Any]:
-        try:
-            mod = importlib.import_module(self.module)
-        except ModuleNotFoundError as e:
-            raise NextqError(f"--formats {fmt}: its exporter {self.module} cannot be imported "
-                             f"(missing module {e.name!r})") from None
-        if not hasattr(mod, self.function):
-            raise NextqError(f"--formats {fmt}: {self.module} has no {self.function}()")
-        return getattr(mod, self.function)
-
-
-EXPORTERS: dict[str, Exporter] = {
-    "gguf": Exporter("nextq.convert.gguf_export", "export_gguf", "model.gguf"),
-    "onnx": Exporter("nextq.convert.onnx_export", "export_onnx", "onnx"),
-}
+EXPORTERS = EXPORT_TARGETS  # --formats: every target with a writer (nextq/targets.py)
 
 
 def parse_formats(text: str) -> list[str]:

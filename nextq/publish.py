@@ -35,7 +35,6 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,91 +45,12 @@ from .console import console, out
 from .errors import InputError, PublishError
 from .untrusted import read_json, regular_file_inside, resolve_inside
 from .inspect import human
+from .targets import TARGETS as KINDS
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a Hub "namespace/name" (local paths never match twice)
-PROMPT = "def fibonacci(n):"
 
 
-# ---- artifacts --------------------------------------------------------------------------------------------------
-
-
-def _ir_files(d: Path) -> list[Path]:
-    """graph.json, its shards and its carried assets (nothing else that happens to lie in the directory), as
-    Graph.load checked them: every name inside the directory."""
-    from .graph import Graph
-
-    g = Graph.load(d)
-    shards = {Path(t.path) for t in g.tensors.values()}
-    return sorted({d / "graph.json", *shards, *g.assets.values()})
-
-
-def _all_files(d: Path) -> list[Path]:
-    """Everything but directories and hidden names: a FIFO, socket or dangling link is listed, then refused."""
-    return sorted(p for p in d.rglob("*")
-                  if not p.is_dir() and not any(s.startswith(".") for s in p.relative_to(d).parts))
-
-
-def _find_ir(d: Path) -> list[Path]:
-    return [p for p in (d, d / "quantized", d / "ir") if (p / "graph.json").is_file()][:1]
-
-
-def _find_onnx(d: Path) -> list[Path]:
-    return [p for p in (d, d / "onnx") if (p / "model.onnx").is_file()][:1]
-
-
-def _find_gguf(d: Path) -> list[Path]:
-    return sorted(d.glob("*.gguf"))
-
-
-def _dl(repo: str, path: str) -> str:
-    return f'hf download {repo} --include "{path}/*" --local-dir model' if path else \
-        f"hf download {repo} --local-dir model"
-
-
-def _run_gguf(repo: str, path: str) -> str:
-    return (f"```sh\n# llama.cpp\nllama-cli --hf-repo {repo} --hf-file {path} -p \"{PROMPT}\"\n"
-            f"# nextq (llama-cpp-python)\nhf download {repo} {path} --local-dir model\n"
-            f"nextq run model/{path} --prompt \"{PROMPT}\"\n```\n"
-            f"```python\nfrom llama_cpp import Llama\n"
-            f"llm = Llama.from_pretrained(repo_id=\"{repo}\", filename=\"{path}\")\n"
-            f"print(llm(\"{PROMPT}\", max_tokens=32)[\"choices\"][0][\"text\"])\n```")
-
-
-def _run_onnx(repo: str, path: str) -> str:
-    local = f"model/{path}" if path else "model"
-    return (f"```sh\n{_dl(repo, path)}\n# ONNX Runtime through nextq (tokenizer, cache and decoding loop included)\n"
-            f"nextq run {local} --prompt \"{PROMPT}\"\n```\n"
-            f"```python\nimport onnxruntime as ort  # plain ONNX Runtime (inputs: ids, positions, per-layer state)\n"
-            f"session = ort.InferenceSession(\"{local}/model.onnx\")\n"
-            f"print([i.name for i in session.get_inputs()])\n```")
-
-
-def _run_ir(repo: str, path: str) -> str:
-    local = f"model/{path}" if path else "model"
-    return (f"```sh\n{_dl(repo, path)}\nnextq run {local} --prompt \"{PROMPT}\"   # PyTorch, CPU or CUDA\n```\n"
-            f"```python\nimport nextq\nmodel = nextq.load(\"{local}\")\n"
-            f"ids = model.tokenizer(\"{PROMPT}\", return_tensors=\"np\")[\"input_ids\"]\n"
-            f"print(model.tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))\n```")
-
-
-@dataclass(frozen=True)
-class ArtifactKind:
-    """One kind of artifact: where it lies in DIR, which files it is, which backend validates it, how to run it."""
-
-    backend: str  # the `nextq validate` backend name of a candidate of this kind
-    engine: str  # shown in the card
-    library: str  # the card's library_name when this kind is the first one uploaded
-    tag: str  # the card's format tag
-    find: Callable[[Path], list[Path]]
-    files: Callable[[Path], list[Path]]
-    run: Callable[[str, str], str]  # (repo id, path in repo) -> Markdown
-
-
-KINDS: dict[str, ArtifactKind] = {  # order = the card's order and library_name priority
-    "gguf": ArtifactKind("llama.cpp", "llama.cpp", "gguf", "gguf", _find_gguf, lambda p: [p], _run_gguf),
-    "onnx": ArtifactKind("ort", "ONNX Runtime", "onnx", "onnx", _find_onnx, _all_files, _run_onnx),
-    "ir": ArtifactKind("torch", "nextq (PyTorch)", "nextq", "safetensors", _find_ir, _ir_files, _run_ir),
-}
+# ---- artifacts (their kinds: nextq.targets) ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nextq.errors import BackendError
+from nextq.targets import infer_backend  # the target registry recognises paths; re-exported for callers
 
 from .generate import Sampling, generate
 
@@ -34,22 +35,6 @@ def register_backend(name: str):
         return cls
 
     return deco
-
-
-def infer_backend(path: Path) -> str:
-    """The backend a path implies."""
-    if path.suffix == ".gguf":
-        return "llama.cpp"
-    if (path / "graph.json").is_file():
-        return "torch"
-    if (path / "model.onnx").is_file():
-        return "ort"
-    if (path / "config.json").is_file():
-        return "transformers"
-    raise BackendError(
-        f"{path}: cannot tell the model format (expected an IR directory with graph.json, a Hugging Face directory "
-        f"with config.json, an ONNX directory with model.onnx, or a .gguf file)"
-    )
 
 
 # Backends living in their exporter's area, imported on first use (their engines are heavy imports).
