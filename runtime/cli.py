@@ -78,7 +78,7 @@ def run_generation(model_path: Path, prompt: str, *, backend=None, device="cpu",
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--speculative", type=click.Choice(sorted(METHODS)),
-              help="Speculative decoding: `mtp` drafts with the model's MTP head (torch and ort backends).")
+              help="Speculative decoding: `mtp` drafts with the model's MTP head (torch, ort; gpu: greedy).")
 @click.option("--draft-tokens", type=click.IntRange(1, MAX_DRAFT_TOKENS), default=2, show_default=True,
               help="Tokens the MTP head drafts per verify step (with --speculative).")
 @click.option("--json", "as_json", is_flag=True,
