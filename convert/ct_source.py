@@ -41,7 +41,7 @@ from nextq.quant.schemes import SCHEMES
 from nextq.storage import StoredTensor
 from nextq.untrusted import need
 
-from .quant_source import QuantizedSource, QuantizedStored, register_layout
+from .quant_source import QuantizedSource, QuantizedStored, exact_scales, register_layout
 
 METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
@@ -180,18 +180,6 @@ class PackedStored(QuantizedStored):
 
     def source(self, shape: tuple[int, ...], transform: Callable | None) -> PackedSource:
         return PackedSource(self, tuple(shape), transform)
-
-
-def exact_scales(s: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
-    """`s` as `dtype` (nextq's scale dtype), refused (the tensor and a value named) when that is not exact."""
-    out = s.to(dtype)
-    bad = out.to(s.dtype) != s  # a NaN is refused too
-    if bool(bad.any()):
-        v = float(s[bad][0])
-        raise CheckpointError(f"{where}: weight_scale value {v!r} ({s.dtype}) is not exactly representable in "
-                              f"{dtype} ({int(bad.sum())} of {s.numel()} scales), which nextq stores this scheme's "
-                              "scales in; refusing to round it")
-    return out
 
 
 class PackedSource(QuantizedSource):

@@ -1,5 +1,5 @@
 """Quantized checkpoints read without re-quantizing: the parts every layout shares (Qwen's FP8 in
-convert/fp8_source.py, compressed-tensors in convert/ct_source.py).
+convert/fp8_source.py, compressed-tensors in convert/ct_source.py, GPTQ in convert/gptq_source.py).
 
     tensors = pair_quantized(config_json, ckpt.tensors)  # a module's stored tensors -> one QuantizedStored entry
     src = tensors["<m>.weight"].source(shape, transform)  # a lazy canonical tensor, loads as a QuantizedTensor
@@ -41,7 +41,7 @@ def register_layout(method: str | None) -> Callable[[Pairing], Pairing]:
 def pair_quantized(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
     """The stored tensors with every quantized module's parts merged by the layout config.json declares
     (`quantization_config.quant_method`); an unknown method is one error listing the supported ones."""
-    from . import ct_source, fp8_source  # noqa: F401  (register their layouts)
+    from . import ct_source, fp8_source, gptq_source  # noqa: F401  (register their layouts)
 
     qc = config.get("quantization_config")
     need(qc is None or isinstance(qc, dict), "config.json: quantization_config", f"expected an object, got {qc!r:.60}")
@@ -68,6 +68,18 @@ def probe_row_map(transform: Callable[[torch.Tensor], torch.Tensor] | None, shap
     if probe.dim() != 2 or probe.shape[1] != k or not bool((probe % k == torch.arange(k)).all()):
         raise CheckpointError(f"{origin}: the reader's split of this quantized weight is not a row selection")
     return probe[:, 0].long() // k
+
+
+def exact_scales(s: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """`s` as `dtype` (nextq's scale dtype), refused (the tensor and a value named) when that is not exact."""
+    out = s.to(dtype)
+    bad = out.to(s.dtype) != s  # a NaN is refused too
+    if bool(bad.any()):
+        v = float(s[bad][0])
+        raise CheckpointError(f"{where}: scale value {v!r} ({s.dtype}) is not exactly representable in "
+                              f"{dtype} ({int(bad.sum())} of {s.numel()} scales), which nextq stores this scheme's "
+                              "scales in; refusing to round it")
+    return out
 
 
 class QuantizedStored:

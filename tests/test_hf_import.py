@@ -275,3 +275,111 @@ def test_import_of_nextqs_own_export_is_the_quantized_ir(recipe, tmp_path):
             ref = want.dequantize().to(got.dtype) if isinstance(want, QuantizedTensor) else want
             assert ref.dtype == got.dtype and torch.equal(ref, got), name
     assert kept > 40, kept
+
+
+# ---- GPTQ format (AutoGPTQ / GPTQModel) -------------------------------------------------------------------------
+
+def pack_gptq_columns(values: torch.Tensor) -> torch.Tensor:
+    """uint4 values [R, C] -> int32 [R / 8, C], element 8i + j of a column at bits 4j of word i (AutoGPTQ's
+    `QuantLinear.pack` layout, written here from the format's definition)."""
+    v = values.to(torch.int64).reshape(-1, 8, values.shape[1])  # [R/8, 8, C]
+    words = (v << (4 * torch.arange(8)).view(1, 8, 1)).sum(1)  # disjoint bits: the sum is the OR
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def write_gptq_checkpoint(ct: Path, dst: Path, checkpoint_format: str) -> Path:
+    """The compressed-tensors int4 checkpoint `ct` re-laid as GPTQ (the same signed codes v and scales):
+    qweight = v + 8 packed along K, scales [K / G, N], qzeros = 8 (v1 stores 7), g_idx = k // G."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file, save_file
+
+    conf = json.loads((ct / "config.json").read_text())
+    group = next(g for g in conf["quantization_config"]["config_groups"].values() if g["weights"]["num_bits"] == 4)
+    gs = group["weights"]["group_size"]
+    stored = load_file(ct / "model.safetensors")
+    out = {}
+    for key, t in stored.items():
+        module, _, part = key.rpartition(".")
+        if part in ("weight_scale", "weight_shape"):
+            continue
+        if part != "weight_packed":
+            out[key] = t
+            continue
+        n, k = stored[f"{module}.weight_shape"].tolist()
+        assert t.shape[1] * 8 == k, key  # 4-bit modules only
+        v = unpack_from_int32(t, 4, torch.Size([n, k]))  # compressed-tensors' own unpacking, int8 [N, K] in -8..7
+        zero = 8 - (1 if checkpoint_format == "gptq" else 0)
+        out[f"{module}.qweight"] = pack_gptq_columns((v.to(torch.int16) + 8).T)
+        out[f"{module}.qzeros"] = pack_gptq_columns(torch.full((n, k // gs), zero)).T.contiguous()
+        out[f"{module}.scales"] = stored[f"{module}.weight_scale"].T.to(torch.float16).contiguous()
+        out[f"{module}.g_idx"] = torch.arange(k, dtype=torch.int32) // gs
+    dst.mkdir()
+    for f in ct.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copyfile(f, dst / f.name)
+    conf["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": gs, "desc_act": False,
+                                   "sym": True, "checkpoint_format": checkpoint_format, "damp_percent": 0.01}
+    (dst / "config.json").write_text(json.dumps(conf))
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def int4_ct(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptq")
+    src = build_checkpoint(root / "f32", "base", **SHAPE)
+    return write_ct_checkpoint(src, root / "ct", {"all": (["Linear"], INT4_G32)}, [])
+
+
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_gptq_reads_as_the_same_int4_tensors(int4_ct, tmp_path, checkpoint_format):
+    """A GPTQ checkpoint holding compressed-tensors' codes and scales gives the IR its compressed-tensors form gives
+    (codes and scales equal, fused splits included), so it too dequantizes to compressed-tensors' decompression."""
+    gptq = write_gptq_checkpoint(int4_ct, tmp_path / "gptq", checkpoint_format)
+    a, b = read_hf(str(int4_ct), hash_shards=False), read_hf(str(gptq), hash_shards=False)
+    assert sorted(a.tensors) == sorted(b.tensors)
+    quantized = 0
+    for name in a.tensors:
+        x, y = a.get(name), b.get(name)
+        if isinstance(x, QuantizedTensor):
+            quantized += 1
+            assert (y.scheme, y.block_size, y.nibble_order) == (x.scheme, x.block_size, x.nibble_order), name
+            assert torch.equal(x.data, y.data) and torch.equal(x.scales, y.scales), name
+        else:
+            assert torch.equal(x, y), name
+    assert quantized > 50, quantized
+
+
+def _gptq_edit(qc=None, tensors=None):
+    def edit(ct, dst):
+        path = write_gptq_checkpoint(ct, dst.parent / (dst.name + "-src"), "gptq_v2")
+        return _edit(path, dst, qc, tensors)
+    return edit
+
+
+def _zero(sd, value):
+    key = "model.layers.0.mlp.experts.0.up_proj.qzeros"
+    sd[key] = torch.full_like(sd[key], value)
+
+
+GPTQ_BAD = {
+    "desc_act": (_gptq_edit(lambda qc: qc.update(desc_act=True)), "desc_act=True"),
+    "asym": (_gptq_edit(lambda qc: qc.update(sym=False)), "sym=False"),
+    "bits": (_gptq_edit(lambda qc: qc.update(bits=8)), "bits=8"),
+    "dynamic": (_gptq_edit(lambda qc: qc.update(dynamic={"-:.*mlp": {}})), "dynamic="),
+    "zeros": (_gptq_edit(tensors=lambda sd: _zero(sd, 0x77777777)), "zero point 7"),
+    "g_idx": (_gptq_edit(tensors=lambda sd: sd.update({"model.layers.0.mlp.experts.0.up_proj.g_idx":
+                                                        sd["model.layers.0.mlp.experts.0.up_proj.g_idx"].flip(0)})),
+              "groups out of order"),
+}
+
+
+@pytest.mark.parametrize("case", list(GPTQ_BAD))
+def test_unsupported_gptq_is_refused(int4_ct, tmp_path, case):
+    make, message = GPTQ_BAD[case]
+    path = make(int4_ct, tmp_path / case)
+    with pytest.raises(NextqError, match=re.escape(message)):
+        graph = read_hf(str(path), hash_shards=False)
+        for t in graph.tensors.values():
+            if hasattr(t, "scheme"):
+                t.load()
