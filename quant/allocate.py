@@ -123,7 +123,7 @@ def target_recipe(graph: Graph, target_bpw: float, stats, keep_bits: float = 16.
     output error, the units behind it, and a summary (target, reached, smallest and largest reachable)."""
     if not math.isfinite(target_bpw) or target_bpw <= 0:
         raise RecipeError(f"--target-bpw: expected a positive number of bits per weight, got {target_bpw}")
-    units = measure(graph, stats, progress)
+    units = measure(graph, None)  # candidates and sizes first: an impossible budget fails before any measuring
     shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
     total = sum(math.prod(s) for s in shapes.values())
     covered = {s for u in units if u.candidates for s in u.sources}
@@ -134,6 +134,7 @@ def target_recipe(graph: Graph, target_bpw: float, stats, keep_bits: float = 16.
         raise RecipeError(f"--target-bpw {target_bpw:g}: below the smallest reachable {lo:.3f} bits per weight on "
                           f"this model (every quantizable tensor at its cheapest scheme: q3_k, or int4_sym_g32 where "
                           f"rows are not a multiple of 256; the other {len(shapes) - len(covered)} tensors as stored)")
+    units = measure(graph, stats, progress)
     used = allocate(units, target_bpw * total, fixed)
     overrides = tuple(Override(s, u.candidates[u.choice]) for u in units if u.candidates for s in u.sources)
     recipe = Recipe(name=f"target-{target_bpw:g}bpw", overrides=overrides,
