@@ -128,7 +128,7 @@ def find_reports(directory: Path) -> list[Report]:
 def _validates(report: Report, art: Artifact) -> bool:
     """Whether `report`'s candidate is `art`: same backend, and the same path when the validated path still
     exists (as given, or relative to the report), else the same name."""
-    if report.candidate["backend"] != KINDS[art.kind].backend:
+    if not KINDS[art.kind].validated_by(report.candidate["backend"]):
         return False
     cand = Path(report.candidate["path"])
     for p in ([cand] if cand.is_absolute() else [cand, report.path.parent / cand]):

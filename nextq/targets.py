@@ -124,6 +124,8 @@ class Target:
     engine, library, tag: the model card's engine name, library_name (when it is the first kind uploaded), tag
     detect:   whether a path is one; find: where it lies in a publish directory; files: the files it consists of
     run:      (repo id, path in repo) -> the card's Markdown on running it
+    also_validated_by: other backend names a validation report of it may carry (the IR: nextq's layer-streamed
+              executor, "stream", runs the same IR as the torch backend)
     """
 
     name: str
@@ -138,6 +140,11 @@ class Target:
     find: Callable[[Path], list[Path]]
     files: Callable[[Path], list[Path]]
     run: Callable[[str, str], str]
+    also_validated_by: tuple[str, ...] = ()
+
+    def validated_by(self, backend: str) -> bool:
+        """Whether a report whose candidate ran on `backend` validates an artifact of this format."""
+        return backend in (self.backend, *self.also_validated_by)
 
     def load(self, fmt: str | None = None) -> Callable[..., Any]:
         """The writer function, imported now; a clear error when its module (or what it needs) is missing."""
@@ -159,7 +166,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (  # order = detection order, t
     Target("onnx", "nextq.convert.onnx_export:export_onnx", "nextq.convert.onnx_export:onnx_cmd", "onnx", "ort",
            "ONNX Runtime", "onnx", "onnx", _is_onnx, _find_onnx, _all_files, _run_onnx),
     Target("ir", None, None, "quantized", "torch", "nextq (PyTorch)", "nextq", "safetensors", _is_ir, _find_ir,
-           _ir_files, _run_ir),
+           _ir_files, _run_ir, also_validated_by=("stream",)),
     Target("hf", "nextq.convert.hf_export:export_hf", "nextq.convert.hf_export:hf_cmd", "hf", "transformers",
            "transformers / vLLM / SGLang", "transformers", "compressed-tensors", _is_hf, _find_hf, _all_files,
            _run_hf),
