@@ -156,32 +156,6 @@ def scheme_of_module(module: str, groups: list[GroupScheme], ignore: list[str]) 
     return owner[matched[0]] if matched else None
 
 
-@dataclass(frozen=True)
-class PackedStored(QuantizedStored):
-    """A pack-quantized module's stored parts (a QuantizedStored: the family tables map it like any stored tensor
-    of the logical shape [N, K]); `source` builds its canonical tensors."""
-
-    weight: StoredTensor  # weight_packed, int32 [N, K * bits / 32]
-    scale: StoredTensor  # weight_scale [N, K / G] or [N, 1]
-    weight_shape: StoredTensor  # [2] = (N, K), checked when read
-    group: GroupScheme
-    module: str
-
-    dtype = property(lambda self: "U8" if self.group.layout.bits == 4 else "I8")
-
-    @property
-    def key(self) -> str:
-        return f"{self.module}.weight"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        n, words = self.weight.shape
-        return n, words * 32 // self.group.layout.bits
-
-    def source(self, shape: tuple[int, ...], transform: Callable | None) -> PackedSource:
-        return PackedSource(self, tuple(shape), transform)
-
-
 class PackedSource(QuantizedSource):
     """A canonical integer tensor read on demand: the stored codes and per-row scales through the reader's row map
     (see the module docstring). Loads as a QuantizedTensor."""
@@ -208,6 +182,31 @@ class PackedSource(QuantizedSource):
         return self.checked(QuantizedTensor(scheme=self.scheme, shape=(codes.shape[0], k), data=codes.contiguous(),
                                             scales=scales.contiguous(), block_size=st.group.group_size,
                                             nibble_order="low_even" if int4 else None))
+
+
+@dataclass(frozen=True)
+class PackedStored(QuantizedStored):
+    """A pack-quantized module's stored parts (a QuantizedStored: the family tables map it like any stored tensor
+    of the logical shape [N, K]); `source` builds its canonical tensors."""
+
+    weight: StoredTensor  # weight_packed, int32 [N, K * bits / 32]
+    scale: StoredTensor  # weight_scale [N, K / G] or [N, 1]
+    weight_shape: StoredTensor  # [2] = (N, K), checked when read
+    group: GroupScheme
+    module: str
+
+    dtype = property(lambda self: "U8" if self.group.layout.bits == 4 else "I8")
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.weight"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, words = self.weight.shape
+        return n, words * 32 // self.group.layout.bits
+
+    source_class = PackedSource
 
 
 def read_ct_config(qc: Mapping[str, Any]) -> tuple[list[GroupScheme], list[str]]:

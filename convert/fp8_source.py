@@ -18,7 +18,7 @@ gives exactly the source's q * s: nothing is re-quantized.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,21 +52,6 @@ def check_fp8_config(config: Mapping[str, Any]) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Fp8Stored(QuantizedStored):
-    """An e4m3 weight and its tile scales in a checkpoint (a QuantizedStored: the family tables map it like any
-    stored tensor); `source` builds its canonical tensors."""
-
-    weight: StoredTensor
-    scale: StoredTensor
-
-    dtype = property(lambda self: self.weight.dtype)
-    shape = property(lambda self: self.weight.shape)
-
-    def source(self, shape: tuple[int, ...], transform: Callable[[torch.Tensor], torch.Tensor] | None) -> Fp8Source:
-        return Fp8Source(self, tuple(shape), transform)
-
-
 class Fp8Source(QuantizedSource):
     """A canonical fp8 tensor read on demand: the stored codes through the reader's row transform, with the scales
     of the source rows each canonical row came from (see the module docstring). Loads as a QuantizedTensor."""
@@ -96,6 +81,20 @@ class Fp8Source(QuantizedSource):
         block = (FP8_BLOCK, FP8_BLOCK) if scheme == "fp8_block128" else (1, FP8_BLOCK)
         return self.checked(QuantizedTensor(scheme=scheme, shape=tuple(codes.shape), data=codes.contiguous(),
                                             scales=scales.contiguous(), block_size=block))
+
+
+@dataclass(frozen=True)
+class Fp8Stored(QuantizedStored):
+    """An e4m3 weight and its tile scales in a checkpoint (a QuantizedStored: the family tables map it like any
+    stored tensor); `source` builds its canonical tensors."""
+
+    weight: StoredTensor
+    scale: StoredTensor
+
+    dtype = property(lambda self: self.weight.dtype)
+    shape = property(lambda self: self.weight.shape)
+
+    source_class = Fp8Source
 
 
 def pair_scales(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) -> dict[str, Any]:

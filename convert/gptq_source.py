@@ -15,7 +15,7 @@ per-module `dynamic` overrides — is refused with the field or tensor named.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,34 +59,6 @@ def read_gptq_config(qc: Mapping[str, Any]) -> tuple[str, int, int]:
     return f"int4_sym_g{g}", g, STORED_ZERO_OFFSET[qc.get("checkpoint_format", "gptq")]
 
 
-@dataclass(frozen=True)
-class GptqStored(QuantizedStored):
-    """A GPTQ module's stored parts (a QuantizedStored of the logical shape [N, K])."""
-
-    weight: StoredTensor  # qweight int32 [K / 8, N]
-    zeros: StoredTensor  # qzeros int32 [K / G, N / 8]
-    scale: StoredTensor  # scales [K / G, N]
-    g_idx: StoredTensor | None  # int32 [K] or absent
-    module: str
-    scheme: str
-    group_size: int
-    zero_offset: int
-
-    dtype = "U8"
-
-    @property
-    def key(self) -> str:
-        return f"{self.module}.weight"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        words, n = self.weight.shape
-        return n, words * PER_WORD
-
-    def source(self, shape: tuple[int, ...], transform: Callable | None) -> GptqSource:
-        return GptqSource(self, tuple(shape), transform)
-
-
 def unpack_columns(words: torch.Tensor) -> torch.Tensor:
     """int32 [R, C] packing 8 nibbles per word along R (element 8i + j at bits 4j of row i) -> uint8 [8R, C]."""
     shifts = torch.arange(0, 32, BITS, dtype=torch.int32).view(1, PER_WORD, 1)
@@ -122,6 +94,33 @@ class GptqSource(QuantizedSource):
             codes, scales = codes[rm], scales[rm]
         return self.checked(QuantizedTensor(scheme=st.scheme, shape=(codes.shape[0], k), data=codes.contiguous(),
                                             scales=scales.contiguous(), block_size=g, nibble_order="low_even"))
+
+
+@dataclass(frozen=True)
+class GptqStored(QuantizedStored):
+    """A GPTQ module's stored parts (a QuantizedStored of the logical shape [N, K])."""
+
+    weight: StoredTensor  # qweight int32 [K / 8, N]
+    zeros: StoredTensor  # qzeros int32 [K / G, N / 8]
+    scale: StoredTensor  # scales [K / G, N]
+    g_idx: StoredTensor | None  # int32 [K] or absent
+    module: str
+    scheme: str
+    group_size: int
+    zero_offset: int
+
+    dtype = "U8"
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.weight"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        words, n = self.weight.shape
+        return n, words * PER_WORD
+
+    source_class = GptqSource
 
 
 def pair_gptq(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) -> dict[str, Any]:

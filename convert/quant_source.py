@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -84,9 +84,10 @@ def exact_scales(s: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tenso
 
 class QuantizedStored:
     """Base of a quantized module's merged stored parts (a layout's dataclass). Subclasses give `weight` (the
-    stored tensor that names it), `shape` (the logical [N, K]) and `source`."""
+    stored tensor that names it), `shape` (the logical [N, K]) and `source_class` (their QuantizedSource)."""
 
     weight: Any
+    source_class: ClassVar[type[QuantizedSource]]
     path = property(lambda self: self.weight.path)
 
     @property
@@ -98,7 +99,8 @@ class QuantizedStored:
                               "experts one by one, mlp.experts.{e}.*_proj)")
 
     def source(self, shape: tuple[int, ...], transform: Callable | None) -> QuantizedSource:
-        raise NotImplementedError
+        """The canonical tensor of shape `shape` made by the reader's `transform` (None: the stored rows)."""
+        return self.source_class(self, tuple(shape), transform)
 
 
 class QuantizedSource:
