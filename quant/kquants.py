@@ -153,6 +153,32 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], torch.zeros_like(L), L)
 
 
+def _refine_codes(x: torch.Tensor, w: torch.Tensor, L: torch.Tensor, lo: int | None, hi: int,
+                  positive_sl2_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coordinate descent ending ggml's make_qp_quants and make_q3_quants, per row of x `[M, n]`: each code in
+    turn moves to the value that best fits the scale sum(w x l) / sum(w l^2) of the others, kept when it raises
+    (sum w x l)^2 / sum w l^2; up to 5 passes (a pass without a change leaves the state as it is: running all 5
+    is the same as ggml's early exit). make_qp_quants asks sum w l^2 > 0 of the others first (and clamps codes to
+    <= hi only), make_q3_quants of the new sum. Returns (codes, sum w x l, sum w l^2)."""
+    sumlx, suml2 = _seq_sum(w * x * L), _seq_sum(w * L * L)
+    for _ in range(5):
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0) if positive_sl2_first else slx > 0
+            new_l = torch.clamp(_rint(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))), min=lo, max=hi)
+            slx2 = slx + wi * xi * new_l
+            sl22 = sl2 + wi * new_l * new_l
+            take = ok & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            if not positive_sl2_first:
+                take &= sl22 > 0
+            L[:, i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    return L, sumlx, suml2
+
+
 def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml make_qp_quants: non-negative values x `[M, n]` (sub-block scales or mins) on a grid scale*L, L 0..nmax,
     weighted by qw `[M, n]`: stretch search, then up to 5 passes of coordinate descent. Returns (scale [M], L [M, n])."""
@@ -176,20 +202,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
         best = torch.where(take, mse, best)
         iscale = torch.where(take, iscale_is, iscale)
     L = torch.clamp(_rint(iscale[:, None] * x), max=nmax)
-    sumlx, suml2 = _seq_sum(qw * x * L), _seq_sum(qw * L * L)
-    for _ in range(5):  # a pass without a change leaves the state as it is: running all 5 is the same
-        for i in range(x.shape[1]):
-            w, xi, li = qw[:, i], x[:, i], L[:, i]
-            slx = sumlx - w * xi * li
-            sl2 = suml2 - w * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = torch.clamp(_rint(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))), max=nmax)
-            slx2 = slx + w * xi * new_l
-            sl22 = sl2 + w * new_l * new_l
-            take = ok & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[:, i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
+    L, sumlx, suml2 = _refine_codes(x, qw, L, None, nmax, positive_sl2_first=True)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
                         torch.zeros_like(suml2))
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], torch.zeros_like(L), L)
@@ -425,21 +438,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     zero = amax < GROUP_MAX_EPS
     vmax = torch.where(zero, torch.ones_like(amax), x.gather(-1, first).squeeze(-1))
     L = _rint(_rdiv(-nmax, vmax)[:, None] * x).clamp_(-nmax, nmax - 1)
-    w = x * x
-    sumlx, suml2 = _seq_sum(w * x * L), _seq_sum(w * L * L)
-    for _ in range(5):  # a pass without a change leaves the state as it is: running all 5 is the same
-        for i in range(x.shape[1]):
-            wi, xi, li = w[:, i], x[:, i], L[:, i]
-            slx = sumlx - wi * xi * li
-            sl2 = suml2 - wi * li * li
-            ok = slx > 0
-            new_l = _rint(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp_(-nmax, nmax - 1)
-            slx2 = slx + wi * xi * new_l
-            sl22 = sl2 + wi * new_l * new_l
-            take = ok & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[:, i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
+    L, sumlx, suml2 = _refine_codes(x, x * x, L, -nmax, nmax - 1, positive_sl2_first=False)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
                         torch.zeros_like(suml2))
     return torch.where(zero, 0.0, scale), torch.where(zero[:, None], 0.0, L + nmax)
