@@ -187,6 +187,12 @@ def generate_mtp(drafter: Drafter, ids: np.ndarray, max_new_tokens: int, samplin
     return np.stack(out, axis=1)
 
 
+def _truncate_kv(st, length: int) -> None:
+    """Drop KV cache entries (LayerState k/v [B, Hkv, S, D]) from `length` on."""
+    if st.k is not None:
+        st.k, st.v = st.k[:, :, :length], st.v[:, :, :length]
+
+
 class TorchDrafter(Drafter):
     """The torch executor's drafter: verify keeps every DeltaNet layer's per-position conv and recurrent states
     (LayerState.keep_steps), `keep` selects one and truncates the KV caches: exact, no replay."""
@@ -241,12 +247,6 @@ class TorchDrafter(Drafter):
         self.mtp_state.position = start
         logits, h = self.model.mtp_step(hidden, self._ids(ids), self.mtp_state)
         return logits.float().cpu().numpy(), h
-
-
-def _truncate_kv(st, length: int) -> None:
-    """Drop KV cache entries (LayerState k/v [B, Hkv, S, D]) from `length` on."""
-    if st.k is not None:
-        st.k, st.v = st.k[:, :, :length], st.v[:, :, :length]
 
 
 # speculative method name -> generation loop over a backend's Drafter
