@@ -140,6 +140,29 @@ def assert_dequantizes_to(graph, reference) -> int:
     return quantized
 
 
+def ct_decompressed(path: Path) -> dict[str, torch.Tensor]:
+    """A compressed-tensors checkpoint's state dict as compressed-tensors decompresses it: each packed module through
+    `PackedQuantizationCompressor.decompress` with the scheme its own matching gives, the rest as stored."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_targets
+    from safetensors.torch import load_file
+
+    qc = QuantizationConfig.model_validate(json.loads((path / "config.json").read_text())["quantization_config"])
+    by_target = {t: s for s in qc.config_groups.values() for t in s.targets}
+    stored = load_file(path / "model.safetensors")
+    out = {}
+    for key, t in stored.items():
+        module, _, part = key.rpartition(".")
+        if part == "weight_packed":
+            scheme = by_target[match_targets(module, torch.nn.Linear(1, 1), list(by_target))[0]]
+            parts = {p: stored[f"{module}.{p}"] for p in ("weight_packed", "weight_scale", "weight_shape")}
+            out[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+        elif part not in ("weight_scale", "weight_shape"):
+            out[key] = t
+    return out
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_ir_dequantizes_to_what_transformers_holds(ckpts, name, tmp_path):
     graph = read_hf(str(ckpts[name]), hash_shards=False)
@@ -159,26 +182,9 @@ def test_ir_dequantizes_to_what_transformers_holds(ckpts, name, tmp_path):
 def test_schemes_follow_compressed_tensors_target_priority(ckpts, tmp_path):
     """Exact names, then regexes, then the class target; `ignore` leaves modules dense — and every quantized
     tensor (row splits of in_proj_qkvz and q_proj included) is compressed-tensors' own decompression, exactly."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.utils.match import match_targets
-    from safetensors.torch import load_file
-
     graph = read_hf(str(ckpts["mixed"]), hash_shards=False)
     assert {n: getattr(graph.tensors[n], "scheme", None) for n in EXPECTED_MIXED} == EXPECTED_MIXED
-    qc = QuantizationConfig.model_validate(
-        json.loads((ckpts["mixed"] / "config.json").read_text())["quantization_config"])
-    by_target = {t: s for s in qc.config_groups.values() for t in s.targets}
-    stored = load_file(ckpts["mixed"] / "model.safetensors")
-    decompressed = {}
-    for key, t in stored.items():
-        module, _, part = key.rpartition(".")
-        if part == "weight_packed":
-            scheme = by_target[match_targets(module, torch.nn.Linear(1, 1), list(by_target))[0]]
-            parts = {p: stored[f"{module}.{p}"] for p in ("weight_packed", "weight_scale", "weight_shape")}
-            decompressed[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
-        elif part not in ("weight_scale", "weight_shape"):
-            decompressed[key] = t
+    decompressed = ct_decompressed(ckpts["mixed"])
     reference = float_graph(decompressed, ckpts["mixed"], tmp_path / "decompressed")
     assert assert_dequantizes_to(graph, reference) > 40  # max |delta| = 0, row splits of fused tensors included
 
@@ -383,3 +389,15 @@ def test_unsupported_gptq_is_refused(int4_ct, tmp_path, case):
         for t in graph.tensors.values():
             if hasattr(t, "scheme"):
                 t.load()
+
+
+def test_qwen3_5_moe_reads_too(tmp_path):
+    """The import is family-neutral: a compressed-tensors Qwen3.5-MoE (its split in_proj_qkv / z / b / a quantized,
+    the vision tower, which the reader drops, left dense) dequantizes to compressed-tensors' own decompression."""
+    from test_qwen3_5 import build
+
+    src = build(tmp_path / "f32", "moe")
+    ct = write_ct_checkpoint(src, tmp_path / "ct", {"all": (["Linear"], INT4_G32)}, [r"re:.*visual\..*"])
+    graph = read_hf(str(ct), hash_shards=False)
+    reference = float_graph(ct_decompressed(ct), ct, tmp_path / "decompressed")
+    assert assert_dequantizes_to(graph, reference) > 40  # max |delta| = 0
