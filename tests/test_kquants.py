@@ -185,3 +185,40 @@ def test_recipe_gguf_equals_llama_quantize(wide_ir, mix, tmp_path):
     # [256, 1], the same values)
     differ = [n for n in a if not np.array_equal(np.asarray(a[n].data).ravel(), np.asarray(b[n].data).ravel())]
     assert differ == []
+
+
+# ---------------------------------------------------------------- --target-bpw
+
+
+class FakeStats:
+    """Calibration statistics stand-in: H = I (x 1000 for `hot` weights) for the weights in `seen`, none for the
+    rest (they stay at their cheapest scheme, unmeasured: keeps the test short)."""
+
+    def __init__(self, k: dict[str, int], seen: set[str], hot: set[str]):
+        self.k, self.seen, self.hot = k, seen, hot
+
+    def hessian(self, name: str):
+        if name not in self.seen:
+            return None
+        return 64, torch.eye(self.k[name], dtype=torch.float64) * (1000.0 if name in self.hot else 1.0)
+
+
+def test_target_bpw_meets_the_budget_and_spends_it_where_it_matters(wide_ir):
+    from nextq.errors import RecipeError
+    from nextq.graph import Graph
+    from nextq.quant import allocate
+    from nextq.quant.recipes import plan_schemes
+
+    graph = Graph.load(wide_ir / "ir")
+    hot = {"layers.1.ffn.experts.0.down.weight"}
+    seen = {f"layers.1.ffn.experts.{e}.down.weight" for e in range(2)} | {"layers.0.mixer.z.weight"}
+    stats = FakeStats({n: t.shape[-1] for n, t in graph.tensors.items() if len(t.shape) == 2}, seen, hot)
+    with pytest.raises(RecipeError, match="below the smallest reachable"):  # raised before anything is measured
+        allocate.target_recipe(graph, 2.0, stats)
+    recipe, units, summary = allocate.target_recipe(graph, 4.0, stats)
+    assert summary["min_bpw"] <= summary["bpw"] <= summary["target_bpw"]
+    plan = plan_schemes(recipe, graph.config)
+    hot_unit = next(u for u in units if hot & set(u.sources))
+    assert hot_unit.choice > 0 and plan[next(iter(hot))].scheme == hot_unit.candidates[hot_unit.choice]
+    assert plan["layers.1.mixer.o.weight"].scheme == "int4_sym_g32"  # K = 128: the 32-block ladder
+    assert "| GGUF tensor |" in allocate.plan_markdown(units, summary)
