@@ -206,7 +206,9 @@ class TransformersBackend(Model):
 
         from nextq.convert.fp8_source import check_fp8_config, write_dequantized_checkpoint
 
-        if check_fp8_config(json.loads((path / "config.json").read_text())):  # FP8: its exact dequantization
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+        if qc.get("quant_method") == "fp8" and check_fp8_config({"quantization_config": qc}):  # exactly dequantized
+            # (other methods, e.g. compressed-tensors, are transformers' own to load)
             self._dequantized = tempfile.TemporaryDirectory(prefix="nextq-fp8-reference-")
             path = write_dequantized_checkpoint(path, Path(self._dequantized.name))
         self.model = AutoModelForCausalLM.from_pretrained(
