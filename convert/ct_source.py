@@ -23,6 +23,8 @@ float32 (exact from any of them). Which module takes which config group follows 
 (`match_targets`): exact names first, then `re:` regexes (`re.match`), then the class name `Linear`; `ignore`
 likewise. Refused with the field named: activation quantization, asymmetric weights (zero points), activation
 ordering that stores `g_idx`, other strategies, bit widths and formats, transforms, sparsity, KV-cache schemes.
+A `float-quantized` group of 8-bit [128, 128] blocks (`weight` e4m3 + `weight_scale` tiles: Qwen's FP8 layout under
+another scale name, what nextq's export writes beside integer groups) is read as convert/fp8_source.py reads Qwen's.
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ from nextq.quant.schemes import SCHEMES
 from nextq.storage import StoredTensor
 from nextq.untrusted import need
 
+from .fp8_source import fp8_pair
 from .quant_source import QuantizedSource, QuantizedStored, exact_scales, register_layout
 
 METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
+FP8_FORMAT = "float-quantized"
+# the one float layout read (nextq's fp8_block128 = Qwen's FP8 tiles): its weights' fields and their values
+FP8_WEIGHTS = {"num_bits": 8, "symmetric": True, "strategy": "block", "block_structure": [128, 128], "dynamic": False}
 PARTS = ("weight_packed", "weight_scale", "weight_shape")  # a module's stored tensors, in that order
 REFUSED_PARTS = {"weight_zero_point": "asymmetric weights (zero points)",
                  "weight_g_idx": "activation ordering with g_idx (actorder 'group')",
@@ -88,7 +94,7 @@ class GroupScheme:
 
     name: str
     targets: tuple[str, ...]
-    layout: IntLayout
+    layout: IntLayout | None  # None: fp8 tiles (float-quantized), read as convert/fp8_source.py's pairs
     scheme: str
     group_size: int | None
 
@@ -108,12 +114,18 @@ def read_group(name: str, group: Any, default_format: str | None) -> GroupScheme
     for field in ("input_activations", "output_activations"):
         if group.get(field) is not None:
             raise _refuse(where, field, group[field], "null (weight-only quantization)")
-    fmt = group.get("format") or default_format
-    if fmt != FORMAT:
-        raise _refuse(where, "format", fmt, repr(FORMAT))
     w = group.get("weights")
     need(isinstance(w, dict), f"config.json: quantization_config.{where}weights", f"expected an object, got {w!r:.60}")
+    fmt = group.get("format") or default_format
+    want = FP8_FORMAT if w.get("type") == "float" else FORMAT
+    if fmt != want:
+        raise _refuse(where, "format", fmt, repr(want))
     where += "weights."
+    if w.get("type") == "float":
+        for field, supported in FP8_WEIGHTS.items():
+            if w.get(field) != supported:
+                raise _refuse(where, field, w.get(field), repr(supported))
+        return GroupScheme(name, tuple(targets), None, "fp8_block128", None)
     checks = [("type", w.get("type"), lambda v: v == "int", "'int'"),
               ("symmetric", w.get("symmetric", True), lambda v: v is True, "true (no zero points)"),
               ("dynamic", w.get("dynamic", False), lambda v: v is False, "false"),
@@ -243,15 +255,24 @@ def pair_packed(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) 
         module, _, part = key.rpartition(".")
         if part in REFUSED_PARTS:
             raise UnsupportedModelError(f"{key}: {REFUSED_PARTS[part]} is not implemented by nextq")
-        if part in PARTS[1:] and f"{module}.weight_packed" not in tensors:
+        fp8 = getattr(tensors.get(f"{module}.weight"), "dtype", None) == "F8_E4M3"
+        if part in PARTS[1:] and f"{module}.weight_packed" not in tensors and not (fp8 and part == "weight_scale"):
             raise CheckpointError(f"{key}: {part} without its {module}.weight_packed")
         if part not in ("weight", "weight_packed"):
             continue
         group = scheme_of_module(module, groups, ignore)
+        if part == "weight" and fp8:
+            if group is None or group.layout is not None:
+                raise CheckpointError(f"{key}: F8_E4M3, but no float-quantized config group targets {module}")
+            out[key] = fp8_pair(key, tensors[key], tensors.get(f"{module}.weight_scale"), f"{module}.weight_scale")
+            out.pop(f"{module}.weight_scale", None)
+            continue
         if part == "weight":
             if group is not None and len(tensors[key].shape) == 2 and any(_match_name(module, t) for t in group.targets):
                 raise CheckpointError(f"{key}: stored dense, but config group {group.name} targets {module} by name")
             continue
+        if group is not None and group.layout is None:
+            raise CheckpointError(f"{key}: packed, but config group {group.name} of {module} is float-quantized")
         if group is None:
             why = "ignores" if any(_matches(module, t) for t in ignore) else "has no config group targeting"
             raise CheckpointError(f"{key}: packed, but quantization_config {why} {module}")

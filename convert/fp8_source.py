@@ -97,6 +97,22 @@ class Fp8Stored(QuantizedStored):
     source_class = Fp8Source
 
 
+def fp8_pair(key: str, w: StoredTensor, scale: StoredTensor | None, scale_key: str) -> Fp8Stored:
+    """An e4m3 weight [N, K] and its 128x128 tile scales `scale_key` [ceil(N/128), ceil(K/128)], checked (one error
+    naming the tensor) and merged; the pairing of Qwen's layout and of compressed-tensors' float-quantized blocks."""
+    if scale is None:
+        raise CheckpointError(f"{key}: F8_E4M3 weight without {scale_key}")
+    if w.dtype != "F8_E4M3" or len(w.shape) != 2:
+        raise CheckpointError(f"{key}: FP8 weight {w.dtype} {list(w.shape)}, expected F8_E4M3 2-D [N, K]")
+    want = [-(-d // FP8_BLOCK) for d in w.shape]
+    if list(scale.shape) != want:
+        raise CheckpointError(f"{scale_key}: shape {list(scale.shape)}, expected {want} "
+                              f"(128x128 tiles of {list(w.shape)})")
+    if scale.dtype not in SCALE_DTYPES:
+        raise CheckpointError(f"{scale_key}: dtype {scale.dtype}, supported: {list(SCALE_DTYPES)}")
+    return Fp8Stored(w, scale)
+
+
 def pair_scales(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) -> dict[str, Any]:
     """The stored tensors with each FP8 weight and its `weight_scale_inv` merged into one Fp8Stored.
 
@@ -118,18 +134,7 @@ def pair_scales(config: Mapping[str, Any], tensors: Mapping[str, StoredTensor]) 
         if key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) not in tensors:
             raise CheckpointError(f"{key}: scale without its weight {key.removesuffix(SCALE_SUFFIX)}")
     for key in fp8:
-        w, scale = tensors[key], tensors.get(key + SCALE_SUFFIX)
-        if scale is None:
-            raise CheckpointError(f"{key}: F8_E4M3 weight without {key}{SCALE_SUFFIX}")
-        if len(w.shape) != 2:
-            raise CheckpointError(f"{key}: FP8 weight of shape {list(w.shape)}, expected 2-D [N, K]")
-        want = [-(-d // FP8_BLOCK) for d in w.shape]
-        if list(scale.shape) != want:
-            raise CheckpointError(f"{key}{SCALE_SUFFIX}: shape {list(scale.shape)}, expected {want} "
-                                  f"(128x128 tiles of {list(w.shape)})")
-        if scale.dtype not in SCALE_DTYPES:
-            raise CheckpointError(f"{key}{SCALE_SUFFIX}: dtype {scale.dtype}, supported: {list(SCALE_DTYPES)}")
-        out[key] = Fp8Stored(w, scale)
+        out[key] = fp8_pair(key, tensors[key], tensors.get(key + SCALE_SUFFIX), key + SCALE_SUFFIX)
     for key in tensors:
         if key.endswith(SCALE_SUFFIX) and (w := tensors[key.removesuffix(SCALE_SUFFIX)]).dtype != "F8_E4M3":
             raise CheckpointError(f"{key}: scale of a weight stored as {w.dtype}, expected F8_E4M3")

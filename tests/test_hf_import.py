@@ -247,7 +247,8 @@ def test_unsupported_checkpoints_are_refused_with_the_field_named(ckpts, tmp_pat
 FP8_SHAPE = dict(hidden_size=64, head_dim=128, num_attention_heads=2, num_key_value_heads=1, linear_key_head_dim=128,
                  linear_value_head_dim=128, linear_num_key_heads=1, linear_num_value_heads=2,
                  moe_intermediate_size=32, shared_expert_intermediate_size=32)
-ROUND_TRIPS = {"int4-compact": SHAPE, "int4-int8": SHAPE, "fp8": FP8_SHAPE}
+ROUND_TRIPS = {"int4-compact": SHAPE, "int4-int8": SHAPE, "fp8": FP8_SHAPE, "mixed": FP8_SHAPE}  # mixed: int4
+# experts beside fp8 blocks, a compressed-tensors mixed-precision checkpoint with a float-quantized group
 
 
 @pytest.mark.parametrize("recipe", list(ROUND_TRIPS))
@@ -264,6 +265,7 @@ def test_import_of_nextqs_own_export_is_the_quantized_ir(recipe, tmp_path):
     ir = Graph.load(tmp_path / "ir")
     report = export_hf(ir, tmp_path / "hf", progress=False)
     assert report.quantization["quant_method"] == ("fp8" if recipe == "fp8" else "compressed-tensors")
+    assert report.quantization.get("format") == {"mixed": "mixed-precision", "fp8": None}.get(recipe, "pack-quantized")
     back = read_hf(str(tmp_path / "hf"), hash_shards=False)
     assert sorted(back.tensors) == sorted(ir.tensors)
     kept = 0
