@@ -571,8 +571,8 @@ def _index_entry(path: Path, name: str, e: Any, shards: dict[Path, ShardIndex], 
              f"dtype {e['dtype']!r:.40}, supported: {', '.join(IR_DTYPES)}")
         st, dtype = index.tensors.get(name), IR_DTYPES[e["dtype"]]
         need(st is not None, w, f"not stored in {shard.name}")
-        need((st.dtype, st.shape) == (DTYPE_NAMES[dtype], shape), w, f"graph.json says {e['dtype']} {list(shape)}, "
-                                                                      f"{shard.name} stores {st.dtype} {list(st.shape)}")
+        need((st.dtype, st.shape) == (DTYPE_NAMES[dtype], shape), w,
+             f"graph.json says {e['dtype']} {list(shape)}, {shard.name} stores {st.dtype} {list(st.shape)}")
         return IRTensor(str(shard), name, shape, dtype, st)
     parts = index.parts.get(name, {})
     meta = _quant_meta(e["quant"], shape, w)

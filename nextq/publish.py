@@ -281,7 +281,7 @@ def build_card(repo_id: str, ir: Path, chosen: list[Artifact], matched: dict[Art
     rows, totals = recipe_rows(ir)
     graph, c = totals["graph"], totals["graph"].config
     prov = graph.provenance
-    quant = prov.get("quantization") or {}
+    quant = prov.get("quantization") if isinstance(prov.get("quantization"), dict) else {}  # provenance is free-form
     source = str(prov.get("source") or "")
     base_model = base_model or (source if HUB_ID.match(source) and not Path(source).exists() else None)
     lic = {"license": license} if license else source_license(ir)

@@ -122,7 +122,8 @@ def test_hub_cache_snapshot_may_point_into_its_blobs(tmp_path: Path):
 
 @pytest.mark.parametrize("edit,expect", [
     (lambda d: d["tensors"]["embed.weight"].update(dtype="Tensor"), r"dtype 'Tensor', supported: float64"),
-    (lambda d: d["tensors"]["norm.weight"].update(shape=[2 ** 40, 2 ** 40]), r"graph.json says \w+ \[1099511627776, 1099511627776\], shard-00001.safetensors stores"),
+    (lambda d: d["tensors"]["norm.weight"].update(shape=[2 ** 40, 2 ** 40]),
+     r"graph.json says \w+ \[1099511627776, 1099511627776\], shard-00001.safetensors stores"),
     (lambda d: d["config"].update(hidden_size="32"), r"field hidden_size: expected int, got '32'"),
     (lambda d: d["config"].update(linear_num_key_heads=0), r"field linear_num_key_heads: expected integers >= 1"),
     (lambda d: d["config"].pop("vocab_size"), r"missing field\(s\) \['vocab_size'\]"),
