@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tensor import QuantizedTensor, as_float32_matrix, check_group
+from .tensor import QuantizedTensor, as_float32_matrix, check_group, fp16_bytes
 
 BLOCK = 32
 
@@ -51,6 +51,21 @@ class GGUFBlockType:
         if qt.data.device.type == "meta":  # a layout probe (nextq.untrusted): shapes only, gguf-py needs bytes
             return torch.empty(qt.shape, dtype=torch.float32, device="meta")
         return torch.from_numpy(dequantize(qt.data.numpy(), self._type()).astype("float32")).reshape(qt.shape)
+
+    def encode(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> QuantizedTensor:
+        """Codes `[N, K]` (0..31) and fp16-exact d (and m for Q5_1) `[N, K/32]` -> the GGUF blocks (the layout
+        gguf-py's quantize_blocks writes: fp16 d, [fp16 m,] qh = fifth bits little-endian, qs = byte j holding
+        elements j (low) and j + 16 (high))."""
+        n, k = q.shape
+        qb = q.to(torch.uint8).reshape(n, k // BLOCK, 2, BLOCK // 2)
+        qs = (qb[:, :, 0] & 0x0F) | ((qb[:, :, 1] & 0x0F) << 4)  # [n, nb, 16]
+        hi = (q.to(torch.uint8).reshape(n, k // BLOCK, 4, 8) >> 4).to(torch.int32)  # [n, nb, 4 bytes, 8 bits]
+        qh = (hi << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)  # [n, nb, 4]
+        parts = [fp16_bytes(d.to(torch.float16))]
+        if m is not None:
+            parts.append(fp16_bytes(m.to(torch.float16)))
+        data = torch.cat([*parts, qh, qs], dim=-1).reshape(n, -1)
+        return QuantizedTensor(scheme=self.name, shape=(n, k), data=data, scales=None, block_size=BLOCK)
 
     def data_shape(self, n: int, k: int) -> tuple[int, int]:
         return n, k // BLOCK * self.block_bytes

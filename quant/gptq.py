@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .int4 import pack_int4
+from .gguf_blocks import GGUF_BLOCK_TYPES
 from .kquants import KQUANTS, QK_K, KQParams
 from .schemes import get_scheme
 from .tensor import QuantizedTensor, as_float32_matrix, check_group
@@ -66,26 +67,27 @@ def _codes(w: torch.Tensor, d: torch.Tensor, m: torch.Tensor, qmax: int = 15) ->
     return torch.round((w - m) * inv).clamp(0, qmax)
 
 
-def search_group_params(wg: torch.Tensor, h: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row grid (d, m), fp16-exact, minimising sum_k h_k (w_k - (q_k d + m))^2.
+def search_group_params(wg: torch.Tensor, h: torch.Tensor, sym: bool, qmax: int = 15
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row grid (d, m), fp16-exact, minimising sum_k h_k (w_k - (q_k d + m))^2, codes q in 0..qmax.
 
     wg: [..., g] weights of one group per row; h: [g] (or broadcastable) non-negative weights per input channel.
-    sym (Q4_0 grid, m = -8 d): candidates d = s * vmax / -8 and s * vmax / 7, vmax the signed largest-|w| element;
-    asym (Q4_1 grid): candidates d = s (max - min) / 15, m = s min, both ends shrunk by s.
-    Returns d, m: [...] float32 (m = -8 d when sym).
+    sym (Q4_0 / Q5_0 / Q8_0 grids, m = -z d with z = (qmax + 1) // 2): candidates d = s * vmax / -z and
+    s * vmax / (qmax - z), vmax the signed largest-|w| element; asym (Q4_1 / Q5_1): candidates d = s (max - min) /
+    qmax, m = s min, both ends shrunk by s. Returns d, m: [...] float32 (m = -z d when sym).
     """
+    shrink = SHRINK.to(wg.device)
     if sym:
+        z = (qmax + 1) // 2
         vmax = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))  # [..., 1]
-        shrink = SHRINK.to(wg.device)
-        d = _fp16(torch.cat([vmax * shrink / -8.0, vmax * shrink / 7.0], dim=-1))  # [..., S]
-        m = -8.0 * d
+        d = _fp16(torch.cat([vmax * shrink / -z, vmax * shrink / (qmax - z)], dim=-1))  # [..., S]
+        m = -z * d
     else:
         lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        shrink = SHRINK.to(wg.device)
         m = _fp16(lo * shrink)  # [..., S]
-        d = _fp16((hi - lo) * shrink / 15.0)
+        d = _fp16((hi - lo) * shrink / qmax)
     w = wg.unsqueeze(-2)  # [..., 1, g]
-    q = _codes(w, d.unsqueeze(-1), m.unsqueeze(-1))  # [..., S, g]
+    q = _codes(w, d.unsqueeze(-1), m.unsqueeze(-1), qmax)  # [..., S, g]
     err = ((w - (q * d.unsqueeze(-1) + m.unsqueeze(-1))) ** 2 * h.unsqueeze(-2)).sum(-1)  # [..., S]
     best = err.argmin(-1, keepdim=True)
     return d.gather(-1, best).squeeze(-1), m.gather(-1, best).squeeze(-1)
@@ -128,7 +130,31 @@ def _kquant_grid(scheme: str) -> Grid:
     return Grid(QK_K, kq.qmax, lambda wb, h: kq.choose_qparams(wb, h), levels, kq.codes, encode)
 
 
-GRIDS: dict[str, Callable[[str], Grid]] = {"int4": _int4_grid, "kquant": _kquant_grid}
+# ---- Q5_0 / Q5_1 (llama.cpp's fallbacks) and Q8_0: groups of 32 ------------------------------------------------
+
+
+def _group32_grid(scheme: str) -> Grid:
+    """Q5_0 (sym, codes 0..31, value d (q - 16)), Q5_1 (d q + m) and Q8_0 (int8_g32: codes 0..254 = q + 127)."""
+    s = get_scheme(scheme)
+    qmax = 254 if scheme == "int8_g32" else 31
+
+    def levels(p: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return p[0][:, None].expand(-1, 32), p[1][:, None].expand(-1, 32)
+
+    def encode(q: torch.Tensor, ps: list[tuple[torch.Tensor, torch.Tensor]]) -> QuantizedTensor:
+        n, k = q.shape
+        d, m = torch.stack([p[0] for p in ps], 1), torch.stack([p[1] for p in ps], 1)  # [N, K/32]
+        if scheme == "int8_g32":
+            return QuantizedTensor(scheme=scheme, shape=(n, k), data=(q - 127).to(torch.int8),
+                                   scales=d.to(torch.float16), block_size=32)
+        return GGUF_BLOCK_TYPES[scheme].encode(q, d, None if s.symmetric else m)
+
+    return Grid(32, qmax, lambda wb, h: search_group_params(wb, h, s.symmetric, qmax), levels,
+                lambda wb, p: _codes(wb, p[0][:, None], p[1][:, None], qmax), encode)
+
+
+GRIDS: dict[str, Callable[[str], Grid]] = {"int4": _int4_grid, "kquant": _kquant_grid, "gguf": _group32_grid,
+                                           "int8": _group32_grid}
 
 
 def grid_for(scheme: str) -> Grid:

@@ -120,7 +120,7 @@ def _build() -> dict[str, Scheme]:
         Scheme("int8_channel", quantize_int8_channel, dequantize_int8_channel, 8.0, 8, True, "row", None, "int8",
                gguf_nearest="q8_0", no_target=NO_INT8),
         Scheme("int8_g32", quantize_q8_0, dequantize_q8_0, 8 + 16 / 32, 8, True, "group", 32, "int8", k_multiple=32,
-               gguf="q8_0", no_target=NO_INT8),
+               calibratable=True, gguf="q8_0", no_target=NO_INT8),
         Scheme("fp8_channel", quantize_fp8_channel, dequantize_fp8_channel, 8.0, 8, True, "row", None, "fp8",
                onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
         Scheme("fp8_block128", quantize_fp8_block128, dequantize_fp8_tiles, 8 + 32 / (128 * 128), 8, True,
@@ -136,7 +136,8 @@ def _build() -> dict[str, Scheme]:
                               data_shape=kq.data_shape, no_target=NO_KQ_GPU))
     for bt in GGUF_BLOCK_TYPES.values():
         entries.append(Scheme(bt.name, bt.quantize, bt.dequantize, bt.bits_per_weight, 5, bt.name == "q5_0", "group",
-                              32, "gguf", k_multiple=32, gguf=bt.name, fallback="f16", data_shape=bt.data_shape,
+                              32, "gguf", k_multiple=32, calibratable=True, gguf=bt.name, fallback="f16",
+                              data_shape=bt.data_shape,
                               no_target=(("onnx", "ONNX Runtime has no 5-bit MatMulNBits"),
                                          ("gpu", "no 5-bit GPU kernel"))))
     for s, dtype in FLOAT_DTYPES.items():
