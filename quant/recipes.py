@@ -247,7 +247,7 @@ def load_recipe_file(path: Path) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found")
     try:
         doc = tomllib.loads(read_text(path, MAX_RECIPE_BYTES))
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # tomllib.TOMLDecodeError, or an integer of more than 4300 digits
         raise RecipeError(f"{path}: invalid TOML ({e})") from None
     except RecursionError:
         raise RecipeError(f"{path}: invalid TOML (nested too deeply)") from None
