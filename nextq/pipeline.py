@@ -1,19 +1,30 @@
-"""`nextq pipeline`: the main job end to end.
+"""`nextq pipeline`: the main job end to end, in memory bounded by one layer (layer-streamed calibration and
+validation; only an engine validating its own artifact holds that artifact).
 
-    convert (HF -> IR) -> quantize (recipe) -> export each format -> validate every artifact against the original
-    -> one summary table (format, size, bits/weight, PPL, dPPL, KLD, top-1, tokens/s) and a report directory.
+    convert (HF -> IR) -> quantize (recipe, calibrated layer by layer) -> export each format -> validate every
+    artifact against the original -> the summary table (format, size, bits/weight, PPL, dPPL, KLD, top-1, tokens/s),
+    the step table (wall, wall per layer, peak RSS, peak GPU memory) and a report directory.
 
 Output directory (written atomically: a temporary sibling renamed at the end):
     ir/                the converted original          quantized/     the quantized IR (torch backend)
+                       (not with --no-save-original: then SOURCE is quantized straight from its shards)
     model.gguf         GGUF export (llama.cpp)          onnx/          ONNX export (ONNX Runtime)
-    reports/<row>.json|.md|-kld.png|-layers.png         summary.json, summary.md (the table)
+    reports/<row>.json|.md|-kld.png|-layers.png         summary.json (rows, steps), summary.md (both tables)
 
-The reference is the original checkpoint run by transformers; its logits are computed once and cached (see
-nextq.validate.compare), so every artifact is compared on the same windows without recomputing it. Per-layer
-drift of the quantized IR is measured against the converted IR (both torch-runnable). Size = the whole artifact
-on disk; bits/weight = 8 * bytes of its weight files (safetensors, .gguf, .onnx + external data; a GGUF also
-holds its tokenizer) / parameters of the float model; tokens/s = greedy generation (prefill + decode) of
-`--max-new-tokens` tokens from `--prompt`, after a one-token warm-up.
+Steps of kind "nextq" (convert, quantize, export, validating the quantized IR: both sides layer-streamed) run in
+memory bounded by one layer; steps of kind "engine" hold their artifact: the torch backend running the quantized IR
+(tokens/s), llama.cpp and ONNX Runtime validating their file. llama.cpp cannot allocate the KV cache of a model
+without an attention layer (fewer than 4 layers of Qwen3-Next): the GGUF is then exported but not validated, and
+both tables say so; an engine that is not installed is skipped the same way. Peak RSS is this process's high-water
+mark reset at each step's start (Linux; blank where unknown), GPU peak torch's max_memory_allocated.
+
+The reference is the original checkpoint: run by transformers when it fits (see nextq.validate.compare), else by
+nextq's layer-streamed executor; its logits are computed once and cached, so every artifact is compared on the
+same windows without recomputing it. Per-layer drift of the quantized IR is measured against the converted IR.
+Size = the whole artifact on disk; bits/weight = 8 * bytes of its weight files (safetensors, .gguf, .onnx +
+external data; a GGUF also holds its tokenizer) / parameters of the float model; tokens/s = greedy generation
+(prefill + decode) of `--max-new-tokens` tokens from `--prompt`, after a one-token warm-up (the original's only
+where transformers runs it).
 The pipeline reports; gating (exit 1 on drift) is `nextq validate`'s job.
 """
 
@@ -29,8 +40,8 @@ import click
 import numpy as np
 from rich.table import Table
 
-from .console import console, out
-from .graph import Graph, atomic_output_dir, expected_tensors
+from .console import StepLog, console, out, progress_iter
+from .graph import GatedAttention, Graph, Layer, atomic_output_dir, expected_tensors
 from .targets import EXPORT_TARGETS
 
 PROMPT = "def fibonacci(n):\n"
@@ -61,12 +72,25 @@ def disk_size(path: Path, weights_only: bool = False) -> int:
     return sum(p.stat().st_size for p in files if not weights_only or p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def quantize_ir(ir: Path, recipe: str, out: Path) -> dict:
-    """The recipe API of nextq.quant: one call; returns its quantization report."""
+def quantize_ir(graph: Graph, recipe: str, out: Path, *, calib_tokens: int = 8192, device: str = "cpu",
+                tokenizer_dir: Path | None = None) -> dict:
+    """The recipe API of nextq.quant, calibrated as `nextq quantize` is by default (GPTQ on `calib_tokens` tokens of
+    the default calibration text, tokenized with the tokenizer in `tokenizer_dir`; 0 = round to nearest); returns
+    its quantization report."""
+    from .quant import calibrate
     from .quant.apply import quantize_graph
-    from .quant.recipes import get_recipe
+    from .quant.cli import calibration_windows
+    from .quant.recipes import get_recipe, plan_schemes
 
-    return quantize_graph(Graph.load(ir), get_recipe(recipe), out)
+    rec = get_recipe(recipe)
+    plan = plan_schemes(rec, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})
+    stats = None
+    if calib_tokens and any(calibrate.is_calibratable(e.scheme) for e in plan.values()):
+        windows = calibration_windows(tokenizer_dir, None, calib_tokens, 256)
+        wanted = [n for n, e in plan.items() if calibrate.is_calibratable(e.scheme)]
+        stats = calibrate.collect_stats(graph, windows, wanted, device=device,
+                                        on_stage=lambda name, s: console.print(f"  statistics of {name}: {s:.1f} s"))
+    return quantize_graph(graph, rec, out, stats=stats, progress=lambda xs: progress_iter(xs, f"quantizing ({recipe})"))
 
 
 def generation_speed(model, ids, tokenizer, max_new_tokens: int) -> tuple[float, str]:
@@ -87,8 +111,8 @@ def summary_table(rows: list[dict]) -> Table:
         t.add_column(col, justify="left" if col in ("format", "backend", "gate") else "right")
     for r in rows:
         t.add_row(r["format"], r["backend"], f"{r['size_bytes'] / 2**20:.2f} MiB", f"{r['bits_per_weight']:.2f}",
-                  f"{r['ppl']:.3f}", _pct(r["ppl_increase"]), _num(r["kld_mean"]), _num(r["top1"], ".3f"),
-                  f"{r['tokens_per_s']:.1f}", {None: "reference", True: "pass", False: "[red]FAIL[/]"}[r["passed"]])
+                  f"{_num(r['ppl'], '.3f')}", _pct(r["ppl_increase"]), _num(r["kld_mean"]), _num(r["top1"], ".3f"),
+                  _num(r["tokens_per_s"], ".1f"), _gate(r))
     return t
 
 
@@ -96,10 +120,29 @@ def summary_markdown(rows: list[dict]) -> str:
     lines = ["| format | backend | size | bits/weight | PPL | ΔPPL | KLD | top-1 | tokens/s | gate |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        gate = {None: "reference", True: "pass", False: "FAIL"}[r["passed"]]
+        gate = _gate(r).replace("[red]FAIL[/]", "FAIL")
         lines.append(f"| {r['format']} | {r['backend']} | {r['size_bytes'] / 2**20:.2f} MiB | "
-                     f"{r['bits_per_weight']:.2f} | {r['ppl']:.3f} | {_pct(r['ppl_increase'])} | "
-                     f"{_num(r['kld_mean'])} | {_num(r['top1'], '.3f')} | {r['tokens_per_s']:.1f} | {gate} |")
+                     f"{r['bits_per_weight']:.2f} | {_num(r['ppl'], '.3f')} | {_pct(r['ppl_increase'])} | "
+                     f"{_num(r['kld_mean'])} | {_num(r['top1'], '.3f')} | {_num(r['tokens_per_s'], '.1f')} | {gate} |")
+    return "\n".join(lines) + "\n"
+
+
+def _gate(r: dict) -> str:
+    if r["format"] == "original":
+        return "reference"
+    if r["passed"] is None:
+        return "not validated"
+    return "pass" if r["passed"] else "[red]FAIL[/]"
+
+
+def steps_markdown(log: StepLog) -> str:
+    """The per-step table (wall, wall per layer, peak RSS, peak GPU memory) as markdown."""
+    lines = [f"| step ({log.layers} layers) | kind | wall s | s / layer | peak RSS GiB | GPU peak GiB | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for s in log.steps:
+        gib = ["" if b is None else f"{b / 2**30:.2f}" for b in (s.peak_rss, s.gpu_peak)]
+        lines.append(f"| {s.name} | {s.kind} | {s.wall_s:.1f} | {s.wall_s / log.layers:.1f} | {gib[0]} | {gib[1]} | "
+                     f"{s.note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,6 +163,11 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 @click.option("--formats", default="gguf,onnx", show_default=True, callback=lambda c, p, v: parse_formats(v),
               help=f"Comma-separated export formats ({', '.join(EXPORTERS)}); empty for none.")
 @click.option("--revision", help="Hub revision when SOURCE is a repo id.")
+@click.option("--calib-tokens", default=8192, show_default=True, help="Calibration tokens (windows of 256).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where calibration and validation run (cuda: layers streamed host -> GPU).")
+@click.option("--save-original/--no-save-original", default=True, show_default=True,
+              help="Write the converted original as ir/ (else quantize straight from SOURCE: no float copy on disk).")
 @click.option("--corpus", "corpora", multiple=True, help="Validation corpus (default: the built-in held-out text).")
 @click.option("--window", default=256, show_default=True, help="Validation window, tokens.")
 @click.option("--max-windows", default=16, show_default=True, help="Validation windows (0 = the whole corpus).")
@@ -128,90 +176,141 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--publish", "publish_id", metavar="REPO_ID",
               help="Last step: publish OUTPUT (quantized IR, exports, reports, model card) to this Hub repo.")
-def pipeline_cmd(source, output, recipe, formats, revision, corpora, window, max_windows, prompt, max_new_tokens,
-                 force, publish_id):
+def pipeline_cmd(source, output, recipe, formats, revision, calib_tokens, device, save_original, corpora, window,
+                 max_windows, prompt, max_new_tokens, force, publish_id):
     """Run the whole job on SOURCE (default: the embedded tiny trained model)."""
-    rows = run_pipeline(source, output, recipe=recipe, formats=formats, revision=revision, corpora=corpora,
-                        window=window, max_windows=max_windows or None, prompt=prompt,
-                        max_new_tokens=max_new_tokens, force=force)
+    rows = run_pipeline(source, output, recipe=recipe, formats=formats, revision=revision, calib_tokens=calib_tokens,
+                        device=device, save_original=save_original, corpora=corpora, window=window,
+                        max_windows=max_windows or None, prompt=prompt, max_new_tokens=max_new_tokens, force=force)
     out.print(summary_table(rows))
+    for r in rows:
+        if r.get("note"):
+            out.print(f"{r['format']}: {r['note']}", soft_wrap=True)
     if publish_id:
         from .publish import publish
 
         publish(output, publish_id)
 
 
+def has_attention(graph: Graph) -> bool:
+    """Whether any layer is full attention (llama.cpp cannot allocate the KV cache of a model without one)."""
+    return any(isinstance(b.mixer, GatedAttention) for b in graph.blocks if isinstance(b, Layer))
+
+
 def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", formats: list[str] = ("gguf", "onnx"),
-                 revision: str | None = None, corpora=(), window: int = 256, max_windows: int | None = 16,
+                 revision: str | None = None, calib_tokens: int = 8192, device: str = "cpu",
+                 save_original: bool = True, corpora=(), window: int = 256, max_windows: int | None = 16,
                  prompt: str = PROMPT, max_new_tokens: int = 32, force: bool = False) -> list[dict]:
-    """The library form of `nextq pipeline`; returns the summary rows (also in OUTPUT/summary.json)."""
+    """The library form of `nextq pipeline`; returns the summary rows (also in OUTPUT/summary.json, with the
+    per-step table under "steps")."""
     from nextq import load
 
     from .convert.cli import convert
+    from .convert.hf import read_hf, resolve_source
     from .quant.recipes import get_recipe
+    from .runtime.backends import load_tokenizer
     from .validate.cli import validate
+    from .validate.compare import EngineLogits, default_backend, shard_sha256
     from .validate.report import Thresholds, write_report
 
     source = source or str(embedded_model())
     get_recipe(recipe)  # fail on a bad recipe before any work
     exporters = {fmt: EXPORTERS[fmt].load(fmt) for fmt in formats}  # ... and on a missing exporter
-    console.rule(f"nextq pipeline: {source} (recipe {recipe}, formats {', '.join(formats) or 'none'})")
+    original, _ = resolve_source(source, revision)  # the local checkpoint directory (a Hub repo id: downloaded)
+    console.rule(f"nextq pipeline: {source} (recipe {recipe}, formats {', '.join(formats) or 'none'}, {device})")
+    log = StepLog()
     with atomic_output_dir(output, force) as tmp:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        graph = convert(source, tmp / "ir", revision)
-        timings["convert_s"] = time.perf_counter() - t0
+        if save_original:
+            with log.step("convert"):
+                convert(str(original), tmp / "ir")
+            graph = Graph.load(tmp / "ir")
+        else:
+            graph = read_hf(str(original), hash_shards=False)  # lazy
+            graph.provenance["shards"] = {n: shard_sha256(original / n) for n in graph.provenance["shards"]}
+        log.layers = graph.config.num_hidden_layers
         params = sum(math.prod(s.shape) for s in expected_tensors(graph.config).values())
-        original = Path(source) if Path(source).is_dir() else tmp / "ir"  # a Hub source: the converted IR
+        validation = dict(corpora=corpora, window=window, max_windows=max_windows, thresholds=Thresholds(),
+                          device=device)
 
-        t0 = time.perf_counter()
-        qreport = quantize_ir(tmp / "ir", recipe, tmp / "quantized")
-        timings["quantize_s"] = time.perf_counter() - t0
-        artifacts = [("ir", "torch", tmp / "quantized")]
+        with log.step("quantize") as step:
+            qreport = quantize_ir(graph, recipe, tmp / "quantized", calib_tokens=calib_tokens, device=device,
+                                  tokenizer_dir=original)
+            step.note = f"recipe {recipe}, " + (f"{qreport['calibration']['calibration_tokens']} calibration tokens"
+                                                if qreport.get("calibration") else "round to nearest")
         qgraph = Graph.load(tmp / "quantized")
         for fmt, export in exporters.items():
-            t0 = time.perf_counter()
-            console.print(f"exporting {fmt}")
-            export(qgraph, tmp / EXPORTERS[fmt].artifact)
-            timings[f"export_{fmt}_s"] = time.perf_counter() - t0
-            artifacts.append((fmt, None, tmp / EXPORTERS[fmt].artifact))
+            with log.step(f"export {fmt}"):
+                export(qgraph, tmp / EXPORTERS[fmt].artifact)
 
         (tmp / "reports").mkdir()
-        rows = []
-        ref_model = load(original)
-        tok = ref_model.tokenizer
-        ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
-        speed, text = generation_speed(ref_model, ids, tok, max_new_tokens)
-        rows.append({"format": "original", "backend": ref_model.name, "path": str(source),
-                     "size_bytes": disk_size(original), "weight_bytes": disk_size(original, True), "ppl": None,
-                     "ppl_increase": None, "kld_mean": None, "top1": None, "tokens_per_s": speed, "passed": None,
-                     "text": text})
-        ref_ppl = None
-        for fmt, backend, path in artifacts:
-            console.print(f"validating {fmt}")
-            model = load(path, backend=backend)
-            doc = validate(path, original, corpora, window=window, max_windows=max_windows,
-                           thresholds=Thresholds(), layer_reference=tmp / "ir", candidate_model=model,
-                           reference_model=ref_model)
+        ids = tok = None
+        rows = [{"format": "original", "backend": default_backend(original), "path": str(source),
+                 "size_bytes": disk_size(original), "weight_bytes": disk_size(original, True), "ppl": None,
+                 "ppl_increase": None, "kld_mean": None, "top1": None, "tokens_per_s": None, "passed": None,
+                 "text": ""}]
+
+        def add_row(fmt: str, path: Path, doc: dict | None, model, note: str = "") -> None:
+            nonlocal ids, tok
+            m = (doc or {}).get("metrics") or {}
+            speed, text = None, ""
+            if model is not None:
+                if ids is None:
+                    tok = model.tokenizer or load_tokenizer(original)
+                    ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
+                speed, text = generation_speed(model, ids, tok, max_new_tokens)
+            rows.append({"format": fmt if fmt != "ir" else f"ir ({recipe})", "backend": model.name if model else "",
+                         "path": str(output / path.relative_to(tmp)), "size_bytes": disk_size(path),
+                         "weight_bytes": disk_size(path, True), "ppl": m.get("ppl_candidate"),
+                         "ppl_increase": m.get("ppl_increase"), "kld_mean": m.get("kld_mean"),
+                         "top1": m.get("top1"), "tokens_per_s": speed,
+                         "passed": doc["passed"] if doc else None, "text": text,
+                         "worst_layer": ((doc or {}).get("layers") or {}).get("worst_layer"), "note": note})
+
+        def report(fmt: str, doc: dict, path: Path) -> dict:
             doc["candidate"]["path"] = str(output / path.relative_to(tmp))
             write_report(doc, tmp / "reports" / f"{fmt}.json")
-            speed, text = generation_speed(model, ids, tok, max_new_tokens)
-            m = doc["metrics"]
-            ref_ppl = m["ppl_reference"]
-            rows.append({"format": fmt if fmt != "ir" else f"ir ({recipe})", "backend": model.name,
-                         "path": str(output / path.relative_to(tmp)), "size_bytes": disk_size(path),
-                         "weight_bytes": disk_size(path, True),
-                         "ppl": m["ppl_candidate"], "ppl_increase": m["ppl_increase"], "kld_mean": m["kld_mean"],
-                         "top1": m["top1"], "tokens_per_s": speed, "passed": doc["passed"], "text": text,
-                         "worst_layer": (doc["layers"] or {}).get("worst_layer")})
-        rows[0]["ppl"] = ref_ppl
+            rows[0]["ppl"] = doc["metrics"]["ppl_reference"]
+            return doc
+
+        with log.step("validate ir", "nextq") as step:  # layer-streamed: bounded memory
+            doc = report("ir", validate(tmp / "quantized", original, layer_reference=tmp / "ir" if save_original
+                                        else None, **validation), tmp / "quantized")
+            step.note = f"streamed, reference {doc['reference']['backend']}"
+        with log.step("run ir (torch)", "engine"):  # the torch backend holds the IR (packed)
+            add_row("ir", tmp / "quantized", doc, load(tmp / "quantized", backend="torch", device=device))
+        for fmt in exporters:
+            path = tmp / EXPORTERS[fmt].artifact
+            if EXPORTERS[fmt].backend == "llama.cpp" and not has_attention(qgraph):
+                reason = "llama.cpp cannot allocate the KV cache of a model without an attention layer"
+                log.skip(f"validate {fmt}", "engine", reason)
+                add_row(fmt, path, None, None, f"not validated: {reason}")
+                continue
+            with log.step(f"validate {fmt}", "engine") as step:  # the engine holds the artifact
+                try:
+                    engine = EngineLogits(path, EXPORTERS[fmt].backend)
+                except ModuleNotFoundError as e:
+                    step.note = f"skipped: its engine needs {e.name!r}, which is not installed"
+                    add_row(fmt, path, None, None, f"not validated: {step.note[9:]}")
+                    continue
+                doc = report(fmt, validate(path, original, candidate_source=engine, **validation), path)
+                add_row(fmt, path, doc, engine.model)
+        if rows[0]["backend"] == "transformers" and not has_attention(qgraph):
+            log.skip("run original (transformers)", "engine", "transformers' cache cannot decode a model without an "
+                                                              "attention layer")
+        elif rows[0]["backend"] == "transformers":  # the original's speed, where it fits in memory
+            with log.step("run original (transformers)", "engine"):
+                model = load(original)
+                rows[0]["tokens_per_s"], rows[0]["text"] = generation_speed(model, ids, tok, max_new_tokens)
         for r in rows:
             r["bits_per_weight"] = 8 * r["weight_bytes"] / params
         summary = {"source": source, "recipe": recipe, "formats": list(formats), "params": params,
-                   "quantization": {k: qreport.get(k) for k in ("bits_per_weight", "bytes", "params")},
-                   "timings": timings, "prompt": prompt, "rows": rows}
+                   "device": device, "quantization": {k: qreport.get(k) for k in ("bits_per_weight", "bytes",
+                                                                                   "params")},
+                   "steps": log.to_json(), "layers": log.layers, "prompt": prompt, "rows": rows}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-        (tmp / "summary.md").write_text(summary_markdown(rows))
-    console.print(f"[green]done[/]: {output}/ (ir/, quantized/, "
+        notes = "".join(f"\n{r['format']}: {r['note']}\n" for r in rows if r.get("note"))
+        (tmp / "summary.md").write_text(summary_markdown(rows) + notes + "\n" + steps_markdown(log))
+    out.print(log.table(f"steps ({log.layers} layers, {device})"))
+    console.print(f"[green]done[/]: {output}/ ({'ir/, ' if save_original else ''}quantized/, "
                   f"{''.join(EXPORTERS[f].artifact + ', ' for f in formats)}reports/, summary.md)")
     return rows

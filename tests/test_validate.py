@@ -3,6 +3,7 @@ and nextq pipeline end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -304,7 +305,8 @@ def test_pipeline_end_to_end(tiny, tmp_path):
 def test_pipeline_missing_exporter_is_an_error(tiny, tmp_path, monkeypatch):
     from nextq import pipeline
 
-    monkeypatch.setitem(pipeline.EXPORTERS, "gguf", pipeline.Exporter("nextq.convert.nope", "export", "x.gguf"))
+    monkeypatch.setitem(pipeline.EXPORTERS, "gguf", dataclasses.replace(pipeline.EXPORTERS["gguf"],
+                                                                         writer="nextq.convert.nope:export"))
     r = _pipeline([str(tiny["hf"]), "-o", str(tmp_path / "x"), "--formats", "gguf"], tmp_path)
     assert r.exit_code == 2 and "--formats gguf: its exporter nextq.convert.nope cannot be imported" in r.output
     assert not (tmp_path / "x").exists()

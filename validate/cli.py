@@ -79,8 +79,13 @@ def print_summary(report: dict) -> None:
 @click.option("--min-top1", default=str(DEFAULTS.min_top1), show_default=True, callback=_fraction,
               help="Minimum top-1 agreement.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the JSON report here (plus .md and plots).")
-@click.option("--backend", help="Candidate backend (default: inferred from the path).")
-@click.option("--reference-backend", help="Reference backend (default: inferred from the path).")
+@click.option("--backend", help="Candidate: 'stream' (nextq's layer-streamed executor) or an engine (torch, "
+                                "transformers, llama.cpp, ort); default: an IR is streamed, others run in their engine.")
+@click.option("--reference-backend", help="Reference: 'stream' or an engine; default: an HF directory runs in "
+                                          "transformers when its weights fit in 4 GiB as float32, else it is streamed "
+                                          "(like an IR).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where nextq's executors run (cuda: layers streamed host -> GPU).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Reference-logits cache (default: "
                                                                    "$NEXTQ_CACHE/validate or ~/.cache/nextq/validate).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the reference-logits cache.")
@@ -91,11 +96,12 @@ def print_summary(report: dict) -> None:
               help="Windows for per-layer drift when both sides are IR directories (0 = skip).")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 def validate_cmd(candidate, reference, corpora, window, stride, max_windows, batch_size, max_ppl_increase, max_kld,
-                 min_top1, report, backend, reference_backend, cache_dir, no_cache, cache_top_k, layer_windows, force):
+                 min_top1, report, backend, reference_backend, device, cache_dir, no_cache, cache_top_k, layer_windows,
+                 force):
     """Measure CANDIDATE's drift from REFERENCE and exit 1 when a threshold is exceeded."""
     doc = validate(candidate, reference, corpora, window=window, stride=stride, max_windows=max_windows or None,
                    batch_size=batch_size, thresholds=Thresholds(max_ppl_increase, max_kld, min_top1),
-                   report=report, candidate_backend=backend, reference_backend=reference_backend,
+                   report=report, candidate_backend=backend, reference_backend=reference_backend, device=device,
                    cache_dir=None if no_cache else (cache_dir or "default"), cache_top_k=cache_top_k,
                    layer_windows=layer_windows, force=force)
     print_summary(doc)
@@ -107,10 +113,12 @@ def validate_cmd(candidate, reference, corpora, window, stride, max_windows, bat
 def validate(candidate, reference, corpora=(), *, window: int = 256, stride: int | None = None,
              max_windows: int | None = 64, batch_size: int = 4, thresholds: Thresholds = DEFAULTS,
              report: Path | None = None, candidate_backend: str | None = None, reference_backend: str | None = None,
-             cache_dir: str | Path | None = "default", cache_top_k: int | None = None, layer_windows: int = 4,
-             layer_reference: Path | None = None, force: bool = False, candidate_model=None,
-             reference_model=None) -> dict:
-    """The library form of the command: compare, build the report dict, write it when `report` is given."""
+             device: str = "cpu", cache_dir: str | Path | None = "default", cache_top_k: int | None = None,
+             layer_windows: int = 4, layer_reference: Path | None = None, force: bool = False,
+             candidate_source=None, reference_source=None) -> dict:
+    """The library form of the command: compare, build the report dict, write it when `report` is given.
+
+    candidate_source / reference_source: already opened `nextq.validate.compare.LogitSource`s."""
     from .compare import compare, default_cache_dir
     from .corpus import windows_for
     from .report import build_report, write_report
@@ -120,9 +128,9 @@ def validate(candidate, reference, corpora=(), *, window: int = 256, stride: int
     windows = windows_for(reference, corpora, window, stride, max_windows)
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
     comparison = compare(candidate, reference, windows, batch_size=batch_size, candidate_backend=candidate_backend,
-                         reference_backend=reference_backend, cache_dir=cache, cache_top_k=cache_top_k,
-                         layer_windows=layer_windows, layer_reference=layer_reference,
-                         candidate_model=candidate_model, reference_model=reference_model)
+                         reference_backend=reference_backend, device=device, cache_dir=cache,
+                         cache_top_k=cache_top_k, layer_windows=layer_windows, layer_reference=layer_reference,
+                         candidate_source=candidate_source, reference_source=reference_source)
     doc = build_report(comparison, thresholds)
     if report:
         write_report(doc, report, force=force)
