@@ -84,6 +84,8 @@ class StepLog:
             s.peak_rss = peak_rss() if known else None
             s.gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
             self.steps.append(s)
+            console.print(f"step {name}: {s.wall_s:.1f} s ({s.wall_s / self.layers:.1f} s / layer), peak RSS "
+                          f"{_gib(s.peak_rss) or '?'} GiB" + (f", GPU peak {_gib(s.gpu_peak)} GiB" if s.gpu_peak else ""))
 
     def skip(self, name: str, kind: str, reason: str) -> None:
         self.steps.append(Step(name, kind, note=f"skipped: {reason}"))
