@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from nextq.errors import CheckpointError, UnsupportedModelError
+from nextq.errors import CheckpointError, InputError, UnsupportedModelError
 from nextq.quant import QuantizedTensor
 from nextq.quant.schemes import SCHEMES
 from nextq.storage import StoredTensor
@@ -136,7 +136,7 @@ def read_group(name: str, group: Any, default_format: str | None) -> GroupScheme
         if not ok(got):
             raise _refuse(where, field, got, supported)
     key = (w.get("num_bits"), w.get("strategy"))
-    if key not in LAYOUTS:
+    if not (isinstance(key[0], int) and isinstance(key[1], str)) or key not in LAYOUTS:
         raise _refuse(where, "num_bits/strategy", list(key), str([list(k) for k in LAYOUTS]))
     layout = LAYOUTS[key]
     g = w.get("group_size") if layout.strategy == "group" else None
@@ -149,7 +149,12 @@ def read_group(name: str, group: Any, default_format: str | None) -> GroupScheme
 
 def _match_name(name: str, target: str) -> bool:
     """compressed-tensors' `match_name`: `re:` = re.match from the start, else the exact module name."""
-    return re.match(target[3:], name) is not None if target.startswith("re:") else target == name
+    if not target.startswith("re:"):
+        return target == name
+    try:
+        return re.match(target[3:], name) is not None
+    except re.error as e:
+        raise InputError(f"config.json: quantization_config target {target!r}: not a regular expression ({e})") from None
 
 
 def _matches(name: str, target: str) -> bool:

@@ -49,7 +49,8 @@ def read_gptq_config(qc: Mapping[str, Any]) -> tuple[str, int, int]:
               ("sym", qc.get("sym", True), lambda v: v is True, "true (zero point 8)"),
               ("desc_act", qc.get("desc_act", False), lambda v: v is False, "false (groups in order)"),
               ("group_size", qc.get("group_size"), lambda v: v in groups, str(groups)),
-              ("checkpoint_format", qc.get("checkpoint_format", "gptq"), lambda v: v in STORED_ZERO_OFFSET,
+              ("checkpoint_format", qc.get("checkpoint_format", "gptq"),
+               lambda v: isinstance(v, str) and v in STORED_ZERO_OFFSET,
                str(list(STORED_ZERO_OFFSET))),
               ("dynamic", qc.get("dynamic"), lambda v: not v, "empty (no per-module overrides)")]
     for field, got, ok, supported in checks:

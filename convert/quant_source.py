@@ -46,6 +46,8 @@ def pair_quantized(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> dic
     qc = config.get("quantization_config")
     need(qc is None or isinstance(qc, dict), "config.json: quantization_config", f"expected an object, got {qc!r:.60}")
     method = qc.get("quant_method") if qc else None
+    need(method is None or isinstance(method, str), "config.json: quantization_config.quant_method",
+         f"expected a string, got {method!r:.60}")
     if method not in LAYOUTS:
         known = sorted(m for m in LAYOUTS if m is not None)
         raise UnsupportedModelError(f"config: quantization_config.quant_method={method!r} is not implemented by "
