@@ -222,6 +222,9 @@ BAD = {
     "status": (lambda qc: qc.update(quantization_status="frozen"), None, "quantization_status='frozen'"),
     "unknown-method": (lambda qc: qc.update(quant_method="awq"), None, "quant_method='awq'"),
     "ignored-but-packed": (lambda qc: qc["ignore"].append(r"re:.*layers\.0\.mlp\.experts\.0\."), None, "ignores"),
+    "bad-regex": (lambda qc: qc["ignore"].append("re:("), None, "not a regular expression"),
+    "method-type": (lambda qc: qc.update(quant_method=["compressed-tensors"]), None, "expected a string"),
+    "bits-type": (lambda qc: _group(qc)["weights"].update(num_bits=[4]), None, "num_bits/strategy"),
     "zero-point": (None, lambda sd: sd.update({"model.layers.0.mlp.experts.0.up_proj.weight_zero_point":
                                                torch.zeros(1, 2, dtype=torch.int32)}), "zero points"),
     "g-idx": (None, lambda sd: sd.update({"model.layers.0.mlp.experts.0.up_proj.weight_g_idx":
