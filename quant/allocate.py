@@ -10,8 +10,9 @@ otherwise, as llama.cpp falls back):
 
 Sensitivity of a unit under scheme s: the output error its round-to-nearest weights cause on the calibration
 tokens, sum over sources of tr(E H E^T) with E = dequant(s(W)) - W and H = sum x x^T over the tokens each source
-really sees (an expert: the tokens routed to it), so experts are weighted by their routing frequency. Units without
-statistics (the embedding: a lookup, no matmul input) stay at their cheapest scheme. Allocation: start every unit
+really sees (an expert: the tokens routed to it), so experts are weighted by their routing frequency; the
+embedding (a lookup, no matmul input): its squared row errors times the tokens per vocabulary entry. Units without
+statistics stay at their cheapest scheme. Allocation: start every unit
 at its cheapest candidate; while the budget allows, upgrade the unit with the largest error reduction per extra
 bit (greedy). The plan is a Recipe (one override per tensor),
 so quantization, calibration and every exporter run exactly as for a built-in recipe.
@@ -77,14 +78,23 @@ def measure(graph: Graph, stats, progress: Callable | None = None) -> list[Unit]
     for u in (progress(units) if progress else units):
         found = [(s, stats.hessian(s)) for s in u.sources] if stats is not None else []
         found = [(s, f) for s, f in found if f is not None and f[0] > 0]
+        if u.candidates and stats is not None and u.sources == ("embed.weight",):
+            found = [("embed.weight", (stats.tokens, None))]  # a lookup: each token adds its row's error once
         if not u.candidates or not found:
             continue
         u.measured = True
         for s, (_, h) in found:
             w = graph.get(s).float()
             for i, c in enumerate(u.candidates):
-                u.errors[i] += output_error(w, c, h)
+                u.errors[i] += output_error(w, c, h) if h is not None else lookup_error(w, c, stats.tokens)
     return units
+
+
+def lookup_error(w: torch.Tensor, scheme: str, tokens: int) -> float:
+    """The embedding's share of the output error: sum over calibration tokens of |row error|^2, rows taken as
+    equally frequent (tokens / vocab each: the statistics do not count tokens per id)."""
+    e = (dequantize(quantize(w, scheme)) - w.float()).double()
+    return float((e * e).sum()) * tokens / w.shape[0]
 
 
 def allocate(units: list[Unit], budget_bits: float, fixed_bits: float) -> float:

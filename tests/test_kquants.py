@@ -194,6 +194,8 @@ class FakeStats:
     """Calibration statistics stand-in: H = I (x 1000 for `hot` weights) for the weights in `seen`, none for the
     rest (they stay at their cheapest scheme, unmeasured: keeps the test short)."""
 
+    tokens = 64
+
     def __init__(self, k: dict[str, int], seen: set[str], hot: set[str]):
         self.k, self.seen, self.hot = k, seen, hot
 
