@@ -131,26 +131,43 @@ def target_recipe(graph: Graph, target_bpw: float, stats, keep_bits: float = 16.
                   progress: Callable | None = None) -> tuple[Recipe, list[Unit], dict]:
     """The recipe meeting `target_bpw` (bits per weight over every tensor, scales included) with the least measured
     output error, the units behind it, and a summary (target, reached, smallest and largest reachable)."""
-    if not math.isfinite(target_bpw) or target_bpw <= 0:
-        raise RecipeError(f"--target-bpw: expected a positive number of bits per weight, got {target_bpw}")
-    units = measure(graph, None)  # candidates and sizes first: an impossible budget fails before any measuring
-    shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
-    total = sum(math.prod(s) for s in shapes.values())
-    covered = {s for u in units if u.candidates for s in u.sources}
-    fixed = sum(math.prod(shapes[n]) * _stored_bits(graph, n, keep_bits) for n in shapes if n not in covered)
-    lo = (fixed + sum(u.params * SCHEMES[u.candidates[0]].bits_per_weight for u in units if u.candidates)) / total
-    hi = (fixed + sum(u.params * SCHEMES[u.candidates[-1]].bits_per_weight for u in units if u.candidates)) / total
-    if target_bpw < lo - 1e-9:
-        raise RecipeError(f"--target-bpw {target_bpw:g}: below the smallest reachable {lo:.3f} bits per weight on "
-                          f"this model (every quantizable tensor at its cheapest scheme: q3_k, or int4_sym_g32 where "
-                          f"rows are not a multiple of 256; the other {len(shapes) - len(covered)} tensors as stored)")
+    check_budget(graph, target_bpw, keep_bits)  # an impossible budget fails before any measuring
     units = measure(graph, stats, progress)
+    fixed, total = _sizes(graph, units, keep_bits)
+    lo, hi = _reachable(units, fixed, total)
     used = allocate(units, target_bpw * total, fixed)
     overrides = tuple(Override(s, u.candidates[u.choice]) for u in units if u.candidates for s in u.sources)
     recipe = Recipe(name=f"target-{target_bpw:g}bpw", overrides=overrides,
                     description=f"measured allocation for {target_bpw:g} bits per weight (nextq quantize --target-bpw)")
-    plan_schemes(recipe, graph.config, shapes)  # the plan must be valid for every target
+    plan_schemes(recipe, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})  # valid everywhere
     return recipe, units, {"target_bpw": target_bpw, "bpw": used / total, "min_bpw": lo, "max_bpw": hi}
+
+
+def _reachable(units: list[Unit], fixed: float, total: int) -> tuple[float, float]:
+    """(smallest, largest) bits per weight: every unit at its cheapest / costliest candidate."""
+    lo = fixed + sum(u.params * SCHEMES[u.candidates[0]].bits_per_weight for u in units if u.candidates)
+    hi = fixed + sum(u.params * SCHEMES[u.candidates[-1]].bits_per_weight for u in units if u.candidates)
+    return lo / total, hi / total
+
+
+def check_budget(graph: Graph, target_bpw: float, keep_bits: float = 16.0) -> None:
+    """Refuse (RecipeError) a target that is not a positive number or is below the smallest reachable size."""
+    if not math.isfinite(target_bpw) or target_bpw <= 0:
+        raise RecipeError(f"--target-bpw: expected a positive number of bits per weight, got {target_bpw}")
+    units = measure(graph, None)
+    lo, _ = _reachable(units, *_sizes(graph, units, keep_bits))
+    if target_bpw < lo - 1e-9:
+        raise RecipeError(f"--target-bpw {target_bpw:g}: below the smallest reachable {lo:.3f} bits per weight on "
+                          f"this model (every quantizable tensor at its cheapest scheme: q3_k, or int4_sym_g32 where "
+                          f"rows are not a multiple of 256; the tensors without a ladder as stored)")
+
+
+def _sizes(graph: Graph, units: list[Unit], keep_bits: float) -> tuple[float, int]:
+    """(bits of the tensors no unit covers, as stored; parameters of the whole model)."""
+    shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
+    covered = {s for u in units if u.candidates for s in u.sources}
+    fixed = sum(math.prod(shapes[n]) * _stored_bits(graph, n, keep_bits) for n in shapes if n not in covered)
+    return fixed, sum(math.prod(s) for s in shapes.values())
 
 
 def _stored_bits(graph: Graph, name: str, keep_bits: float) -> float:

@@ -66,6 +66,8 @@ def quantize_cmd(ir, output, recipe, target_bpw, calibrate, calib_text, calib_to
         raise RecipeError("--target-bpw measures each tensor's error on calibration text: drop --no-calibrate")
     graph = Graph.load(ir)
     rec = get_recipe(recipe) if recipe is not None else None
+    if target_bpw is not None:
+        allocate.check_budget(graph, target_bpw)  # before the calibration pass
     if rec is not None:
         plan = plan_schemes(rec, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})  # fail fast
     stats = None
