@@ -28,7 +28,7 @@ from .rope import rope_cos_sin, rope_parameters
 
 # Tensors kept in fp32 whatever the compute dtype: they feed fp32 math in the reference.
 FP32_SUFFIXES = ("A_log", "dt_bias")
-CAST_AT_LOAD = 1 << 20  # dense tensors up to this many elements are cast to the compute dtype once, at load
+CAST_AT_LOAD = 1 << 16  # dense tensors up to this many elements are cast to the compute dtype once, at load
 
 
 def keeps_fp32(name: str) -> bool:
