@@ -190,6 +190,7 @@ GENERAL_KINDS = {
     "tokenizer.ggml.tokens": "strs", "tokenizer.ggml.token_type": "ints", "tokenizer.ggml.merges": "strs",
     "tokenizer.chat_template": "str", **{f"tokenizer.ggml.{t}_token_id": "int" for t in ("bos", "eos", "padding")},
 }
+TOKENIZER_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type")
 DIVISORS = ("attention.key_length", "ssm.time_step_rank", "full_attention_interval")  # read_config divides by them
 
 
@@ -205,7 +206,7 @@ def metadata_kinds() -> dict[str, str]:
 
 def check_metadata(h: GGUFHeader, where: str) -> None:
     """Values read_config and write_tokenizer_files compute with, beyond their kinds: divisors >= 1, no more blocks
-    than tensors, a 2-D token_embd.weight, token ids inside the vocabulary."""
+    than tensors, a 2-D token_embd.weight, a vocabulary with its token types, token ids inside the vocabulary."""
     arch = h.fields.get("general.architecture", (None, None))[1]
     for k in DIVISORS:
         v = h.fields.get(f"{arch}.{k}", (None, 1))[1]
@@ -214,6 +215,9 @@ def check_metadata(h: GGUFHeader, where: str) -> None:
     need(blocks <= len(h.tensors), where, f"{arch}.block_count = {blocks} exceeds the {len(h.tensors)} tensors")
     embd = h.tensors.get("token_embd.weight")
     need(embd is not None and len(embd.dims) == 2, where, "token_embd.weight: expected a 2-D tensor")
+    if "tokenizer.ggml.model" in h.fields:  # write_tokenizer_files needs the vocabulary and its token types
+        absent = [k for k in TOKENIZER_KEYS if k not in h.fields]
+        need(not absent, where, f"tokenizer.ggml.model is set but {absent} are missing")
     n_tokens = len(h.fields.get("tokenizer.ggml.tokens", (None, (None, [])))[1][1])
     for t in ("bos", "eos", "padding"):
         tid = h.fields.get(f"tokenizer.ggml.{t}_token_id", (None, None))[1]

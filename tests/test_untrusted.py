@@ -150,15 +150,17 @@ def test_safetensors_header_claiming_2_40_elements_is_refused_before_allocation(
     assert peak < 1 << 20, peak  # nothing near the claimed 4 TiB was allocated (bound: 1 MiB of Python objects)
 
 
-def gguf_bytes(dims: list[int], data: int) -> bytes:
-    """A minimal GGUF v3: general.architecture = qwen3next, one F32 tensor token_embd.weight of `dims`."""
+def gguf_bytes(dims: list[int], data: int, strings: dict[str, str] | None = None) -> bytes:
+    """A minimal GGUF v3: general.architecture = qwen3next (+ `strings`), one F32 tensor token_embd.weight of
+    `dims`."""
     def s(x: str) -> bytes:
         return struct.pack("<Q", len(x)) + x.encode()
 
-    kv = s("general.architecture") + struct.pack("<I", 8) + s("qwen3next")
+    kvs = {"general.architecture": "qwen3next", **(strings or {})}
+    kv = b"".join(s(k) + struct.pack("<I", 8) + s(v) for k, v in kvs.items())
     info = s("token_embd.weight") + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
     info += struct.pack("<IQ", 0, 0)  # F32, offset 0
-    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv + info
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, len(kvs)) + kv + info
     return head + b"\0" * (-len(head) % 32) + b"\0" * data
 
 
@@ -174,6 +176,13 @@ def test_gguf_header_claiming_2_40_elements_is_refused_before_allocation(tmp_pat
     tracemalloc.stop()
     assert peak < 1 << 20, peak
     assert "token_embd.weight" in one_error_line("inspect", p)
+
+
+def test_gguf_tokenizer_without_vocabulary_is_refused(tmp_path: Path):
+    p = tmp_path / "tok.gguf"
+    p.write_bytes(gguf_bytes([4, 4], 64, {"tokenizer.ggml.model": "gpt2"}))
+    with pytest.raises(InputError, match=r"tokenizer.ggml.model is set but \['tokenizer.ggml.tokens', "):
+        nextq.read(p)
 
 
 @pytest.mark.parametrize("cut", [0, 3, 20, 60])
