@@ -13,18 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from nextq.cli import main
-from nextq.pipeline import embedded_model
-
 from conftest import build_checkpoint
+from test_validate import _with_tokenizer
 
-EMBEDDED = embedded_model()
 FAST = ["--window", "64", "--max-windows", "4", "--batch-size", "2", "--layer-windows", "0"]
-
-
-def _with_tokenizer(path: Path) -> Path:
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(EMBEDDED / f, path / f)
-    return path
 
 
 @pytest.fixture(scope="module")
