@@ -13,13 +13,11 @@ experts on them), so at Qwen3-Next-80B's dimensions (512 experts, [2048, 2048] p
 ~1 GiB instead of 16 GiB per layer. The MTP head runs on the main model's final hidden states, so its experts get
 statistics too. The embedding is a lookup and is never calibrated (tied or not).
 
-Modes (`mode=`): "sequential" (default) -- layer i+1's statistics come from the outputs of layer i *as quantized*
-(its stored tensors handed back through `record`), the scheme GPTQModel and llm-compressor use; "original" -- from
-the unquantized model's outputs (what the whole-model statistics before layer streaming measured). Measured on the
-embedded model (scripts/bench_quant.py, int4 recipe, held-out KLD): sequential GPTQ 0.00308, awmse 0.00305, against
-0.00302 for GPTQ on unquantized-model statistics in the README's table (measured before quant/gptq.py's grids): within
-3 %; the original-mode rerun in the same session did not finish (a loaded machine), so the default stays
-sequential, the published practice. Within a layer the statistics come from the layer's unquantized weights; the
+Modes (`mode=`): "original" (default) -- statistics from the unquantized model's outputs; "sequential" -- layer
+i+1's statistics from the outputs of layer i *as quantized* (its stored tensors handed back through `record`), the
+scheme GPTQModel and llm-compressor use. Measured on the embedded model (scripts/bench_quant.py, int4 recipe,
+held-out mean KLD, one session): GPTQ 0.00303 original vs 0.00308 sequential (RTN 0.00368), awmse 0.00305
+sequential: original is the better one on this model, hence the default. Within a layer the statistics come from the layer's unquantized weights; the
 embedding, final norm and MTP head's own inputs come from the unquantized model.
 
 Methods (quant/gptq.py, on the grid of every calibratable scheme: int4 groups and the K-quants; each returns the
@@ -55,7 +53,7 @@ from .schemes import SCHEMES, quantize
 from .tensor import QUANT_FIELDS, QuantizedTensor
 
 MIN_TOKENS = 16
-MODES = ("sequential", "original")
+MODES = ("original", "sequential")
 CHUNK_BYTES = 512 << 20  # float32 Gram matrices of one chunk of experts (two chunks are kept: workers straddle)
 EXPERT = re.compile(r"(.*\.ffn)\.experts\.(\d+)\.(gate|up|down)\.weight")
 
@@ -106,7 +104,7 @@ class CalibrationStats:
     """
 
     def __init__(self, graph: Graph, windows: torch.Tensor, wanted: Iterable[str] | None = None, *,
-                 mode: str = "sequential", device: str | torch.device = "cpu", batch: int = 4,
+                 mode: str = "original", device: str | torch.device = "cpu", batch: int = 4,
                  chunk_bytes: int = CHUNK_BYTES, on_stage: Callable[[str, float], None] | None = None):
         if mode not in MODES:
             raise CalibrationError(f"calibration mode: unknown {mode!r}; supported: {', '.join(MODES)}")
@@ -279,7 +277,7 @@ class CalibrationStats:
 
 
 def collect_stats(graph: Graph, windows: torch.Tensor, wanted: Iterable[str] | None = None, *,
-                  mode: str = "sequential", device: str | torch.device = "cpu", batch: int = 4,
+                  mode: str = "original", device: str | torch.device = "cpu", batch: int = 4,
                   on_stage: Callable[[str, float], None] | None = None) -> CalibrationStats:
     """Statistics of calibration windows `[N, T]` int64 for the weights `wanted` (default: every matrix but the
     embedding), computed layer by layer as the quantizer asks for them."""

@@ -43,7 +43,7 @@ def calibration_windows(ir: Path, text_file: Path | None, tokens: int, length: i
               help="Data-aware method for int4 tensors.")
 @click.option("--min-tokens", default=calibrate.MIN_TOKENS, show_default=True,
               help="Experts seeing fewer calibration tokens fall back to round-to-nearest (reported).")
-@click.option("--calib-mode", type=click.Choice(list(calibrate.MODES)), default="sequential", show_default=True,
+@click.option("--calib-mode", type=click.Choice(list(calibrate.MODES)), default="original", show_default=True,
               help="Statistics of layer i+1 from the outputs of layer i as quantized (sequential) or unquantized.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where calibration runs, layer by layer (cuda: each layer streamed host -> GPU, GPTQ there too).")
