@@ -47,7 +47,7 @@ import torch
 
 from nextq.console import console, progress_iter
 from nextq.errors import UnsupportedModelError
-from nextq.graph import MTP, Graph, Layer, ModelConfig, atomic_output_dir
+from nextq.graph import MTP, Graph, Layer, ModelConfig, atomic_output_dir, shape_of
 from nextq.quant import QuantizedTensor
 from nextq.storage import ShardWriter
 
@@ -106,7 +106,7 @@ def _invert_split(family: Family, graph: Graph, key: str, base: str, split) -> S
     if not all(n in graph.tensors for n in names.values()):
         return None
     if list(probe) == [""]:  # a reshape: the depthwise conv kernel [C, K] comes from Conv1d's [C, 1, K]
-        canonical = tuple(_shape(graph.tensors[names[""]]))
+        canonical = shape_of(graph.tensors[names[""]])
         return StoredPlan(key, [names[""]], shape=(canonical[0], 1, canonical[1]))
     rows = sum(shape[0] for shape, _ in probe.values())
     index = torch.arange(rows).reshape(rows, 1)
@@ -121,10 +121,6 @@ def _invert_split(family: Family, graph: Graph, key: str, base: str, split) -> S
     if not torch.equal(source_rows.sort().values, torch.arange(rows)):
         raise UnsupportedModelError(f"{key}: the reader's split does not use every stored row exactly once")
     return StoredPlan(key, list(names.values()), order=source_rows.argsort())
-
-
-def _shape(t: Any) -> tuple[int, ...]:
-    return tuple(t.shape)
 
 
 def plan_tensors(graph: Graph, family: Family) -> list[StoredPlan]:
