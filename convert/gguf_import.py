@@ -131,6 +131,34 @@ def _dequantized(t) -> np.ndarray:
     return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
 
 
+class AssetPath(type(Path())):
+    """A path into a temporary directory that stays on disk while some AssetPath into it is alive: the graph's
+    assets outlive `read_gguf` (save, export and quantize read them later, also through copies of the graph), and
+    the directory is removed when the last path to it is garbage-collected, or at interpreter exit."""
+
+    __slots__ = ("owner",)
+
+    @classmethod
+    def owned(cls, owner: tempfile.TemporaryDirectory, name: str) -> AssetPath:
+        p = cls(owner.name, name)
+        p.owner = owner
+        return p
+
+
+def tokenizer_assets(reader) -> dict[str, Path]:
+    """The GGUF's tokenizer files in a fresh temporary directory (see AssetPath); nothing is left behind when the
+    GGUF has no tokenizer or its tokenizer is refused."""
+    tmp = tempfile.TemporaryDirectory(prefix="nextq-gguf-tok-")
+    try:
+        files = write_tokenizer_files(reader, Path(tmp.name))
+    except BaseException:
+        tmp.cleanup()
+        raise
+    if not files:
+        tmp.cleanup()
+    return {name: AssetPath.owned(tmp, p.name) for name, p in files.items()}
+
+
 def write_tokenizer_files(reader, out: Path) -> dict[str, Path]:
     """tokenizer.json (Qwen2-style byte-level BPE), tokenizer_config.json and chat_template.jinja from the GGUF."""
     model = _field(reader, "tokenizer.ggml.model")
@@ -267,6 +295,6 @@ def read_gguf(path: str | Path) -> Graph:
             tensors[name] = t
     graph.tensors = tensors
     graph.check()
-    graph.assets = write_tokenizer_files(reader, Path(tempfile.mkdtemp(prefix="nextq-gguf-tok-")))
+    graph.assets = tokenizer_assets(reader)
     graph.provenance = {"source": str(path), "format": "gguf", "architecture": names.arch_of(config).name}
     return graph

@@ -193,6 +193,46 @@ def test_truncated_gguf_is_one_clean_error(tmp_path: Path, cut: int):
         nextq.read(p)
 
 
+@pytest.fixture(scope="module")
+def seed_gguf(tmp_path_factory) -> Path:
+    """The embedded model as a GGUF (nextq's export, with its tokenizer)."""
+    from nextq.convert.gguf_export import export_gguf
+
+    out = tmp_path_factory.mktemp("untrusted-gguf") / "tiny.gguf"
+    export_gguf(nextq.read(embedded_model()), out)
+    return out
+
+
+def test_gguf_import_leaves_no_temporary_directory(seed_gguf: Path, tmp_path: Path, monkeypatch):
+    """The tokenizer files an import writes live while the graph (or a copy of its assets) does, then go; a
+    tokenizer refused halfway leaves nothing either."""
+    import gc
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    g = nextq.read(seed_gguf)
+    assert [p.name for p in tmp.iterdir()] and all(p.is_file() for p in g.assets.values())
+    g.save(tmp_path / "ir")  # the assets are read after read_gguf returned
+    assert (tmp_path / "ir" / "tokenizer.json").is_file()
+    del g
+    gc.collect()
+    assert list(tmp.iterdir()) == []
+    assert CliRunner().invoke(main, ["inspect", str(seed_gguf)]).exit_code == 0
+    gc.collect()
+    assert list(tmp.iterdir()) == []
+
+    raw = bytearray(seed_gguf.read_bytes())  # tokenizer.ggml.pre = "qwen2" -> "xwen2": refused inside the writer
+    at = raw.index(b"tokenizer.ggml.pre") + len("tokenizer.ggml.pre") + 4 + 8
+    raw[at:at + 1] = b"x"
+    bad = tmp_path / "bad-tok.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(NextqError, match=r"tokenizer.ggml.pre='xwen"):
+        nextq.read(bad)
+    assert list(tmp.iterdir()) == []
+
+
 # ---- publish: regular files inside DIR only -------------------------------------------------------------------
 
 
