@@ -25,7 +25,7 @@ import stat
 import struct
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -68,7 +68,7 @@ def resolve_inside(directory: str | Path, name: object, what: str) -> Path:
     if PurePosixPath(name).is_absolute() or ".." in parts or "\0" in name or "\\" in name:
         raise UnsafePathError(f"{directory}: {what} {name!r:.200} is not a plain relative path inside the directory")
     try:
-        too_long = len(name.encode()) > MAX_PATH or max(len(p.encode()) for p in parts) > MAX_NAME
+        too_long = len(name.encode()) > MAX_PATH or max((len(p.encode()) for p in parts), default=0) > MAX_NAME
     except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file can have this name
         raise InputError(f"{directory}: {what} {name!r:.200} is not a valid file name") from None
     if too_long:
@@ -404,6 +404,22 @@ class _Cursor:
         return n
 
 
+def _need_kind(path: str, key: str, t: int, value: Any, kind: str) -> None:
+    """The value of `key` (type id `t`) has `kind`, a GGUF_KINDS name."""
+    is_array, allowed = GGUF_KINDS[kind]
+    got = value[0] if t == GGUF_ARRAY else t
+    need((t == GGUF_ARRAY) == is_array and got in allowed, path,
+         f"{key}: expected {kind}, got type {t}{f' of {got}' if t == GGUF_ARRAY else ''}")
+
+
+def gguf_need_kinds(h: GGUFHeader, kinds: Mapping[str, str], path: str) -> None:
+    """The keys of `kinds` present in a parsed header have their kinds (for keys only known after parsing, such as
+    `{general.architecture}.context_length`)."""
+    for key, kind in kinds.items():
+        if key in h.fields:
+            _need_kind(path, key, *h.fields[key], kind)
+
+
 def gguf_header(path: str | Path, type_sizes: Mapping[int, tuple[int, int]],
                 kinds: Mapping[str, str] = {}) -> GGUFHeader:  # noqa: B006 (read-only default)
     """Parse and check a GGUF file's header, every length and count bounded by the file size before use.
@@ -447,10 +463,7 @@ def _parse_gguf(c: _Cursor, type_sizes: Mapping[int, tuple[int, int]], kinds: Ma
             value = c.value(t, key)
         fields[key] = (t, value)
         if key in kinds:
-            is_array, allowed = GGUF_KINDS[kinds[key]]
-            got = value[0] if t == GGUF_ARRAY else t
-            need((t == GGUF_ARRAY) == is_array and got in allowed, path,
-                 f"{key}: expected {kinds[key]}, got type {t}{f' of {got}' if t == GGUF_ARRAY else ''}")
+            _need_kind(path, key, t, value, kinds[key])
     align_t, alignment = fields.get("general.alignment", (4, GGUF_DEFAULT_ALIGNMENT))
     need(align_t == 4 and alignment > 0 and alignment & (alignment - 1) == 0, path,
          f"general.alignment: expected a u32 power of two, got {alignment!r} (type {align_t})")
@@ -477,3 +490,79 @@ def _parse_gguf(c: _Cursor, type_sizes: Mapping[int, tuple[int, int]], kinds: Ma
                                                    f"{data + offset}, the file has {size} (truncated or corrupt)")
         tensors[name] = GGUFTensorInfo(name, dims, t, data + offset, data + offset + nbytes)
     return GGUFHeader(version, fields, tensors)
+
+
+# ---- ONNX ---------------------------------------------------------------------------------------------------
+
+MAX_ONNX_PROTO = (1 << 31) - 1  # protobuf's limit for one message; weights beyond it are external data
+
+
+def _onnx_tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto of an ONNX ModelProto: graph initializers (dense and sparse), tensors in node attributes
+    (Constant values), through subgraphs (If / Loop / Scan bodies) and local functions. Iterative, so a deeply nested
+    model does not recurse."""
+    graphs, nodes = [model.graph], [n for f in model.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            g = graphs.pop()
+            yield from g.initializer
+            for sp in g.sparse_initializer:
+                yield from (sp.values, sp.indices)
+            nodes.extend(g.node)
+            continue
+        for a in nodes.pop().attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sp in [a.sparse_tensor] * a.HasField("sparse_tensor") + list(a.sparse_tensors):
+                yield from (sp.values, sp.indices)
+            graphs.extend([a.g] * a.HasField("g") + list(a.graphs))
+
+
+def onnx_external_data(model_path: str | Path) -> dict[str, Path]:
+    """The external-data files an ONNX model's tensors name (ONNX Runtime opens every `location` it finds, relative
+    to the model's folder), checked before a session is created: each location a plain relative name resolving to
+    a regular file inside the folder, each `offset` / `length` an integer whose byte range lies inside that file.
+    Returns location -> path."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(model_path)
+    size = path.stat().st_size
+    need(size <= MAX_ONNX_PROTO, str(path), f"{size} bytes: an ONNX protobuf is at most {MAX_ONNX_PROTO}")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RecursionError, ValueError) as e:
+        raise InputError(f"{path}: not a valid ONNX model ({str(e)[:200]})") from None
+    files: dict[str, Path] = {}
+    for t in _onnx_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = f"{path}: tensor {t.name[:200]!r} external_data"
+        info = {e.key: e.value for e in t.external_data}
+        need("location" in info, where, "no location")
+        loc = info["location"]
+        if loc not in files:
+            files[loc] = regular_file_inside(path.parent, path.parent / loc, "external data")
+        ints = {}
+        for k in ("offset", "length"):
+            v = info.get(k, "0")
+            need(v.isdecimal() and len(v) <= 19, where, f"{k}: expected a decimal integer, got {v[:40]!r}")
+            ints[k] = int(v)
+        end, file_size = ints["offset"] + ints["length"], files[loc].stat().st_size
+        need(end <= file_size, where, f"bytes [{ints['offset']}, {end}) of {loc!r}, which has {file_size}")
+    return files
+
+
+def onnx_dir(directory: str | Path, models: Sequence[str], optional: Sequence[str] = ()) -> dict[str, Path]:
+    """An ONNX export folder before ONNX Runtime opens it: each of `models` (required) and `optional` (when present)
+    a regular file inside the folder, symlinks resolved, with its external data checked (`onnx_external_data`).
+    Returns name -> path of the models found."""
+    directory = Path(directory)
+    found = {}
+    for name in [*models, *optional]:
+        if name in optional and not os.path.lexists(directory / name):
+            continue
+        found[name] = regular_file_inside(directory, directory / name, "model file")
+        onnx_external_data(found[name])
+    return found

@@ -39,6 +39,37 @@ def register_backend(name: str):
 
 # Backends living in their exporter's area, imported on first use (their engines are heavy imports).
 BACKEND_MODULES = {"llama.cpp": "nextq.runtime.llama_cpp", "ort": "nextq.runtime.ort", "gpu": "nextq.runtime.gpu"}
+# the metadata llama_cpp.trained_context reads (with gguf-py) before llama.cpp loads the file: key under the
+# architecture -> kind (untrusted.GGUF_KINDS)
+GGUF_ENGINE_KINDS = {"context_length": "int", "rope.scaling.type": "str", "rope.scaling.factor": "float",
+                     "rope.scaling.original_context_length": "int"}
+ONNX_FILES = ("model.onnx", "mtp.onnx")  # what the ort backend hands ONNX Runtime (it says itself when one is missing)
+
+
+def check_gguf_input(path: Path) -> None:
+    """A .gguf about to be handed to gguf-py and llama.cpp: the header checked against the file size (every ggml
+    type gguf-py knows), general.architecture a string, the keys read before loading of their kinds."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from nextq import untrusted
+
+    h = untrusted.gguf_header(path, {int(t): s for t, s in GGML_QUANT_SIZES.items()},
+                              {"general.architecture": "str"})
+    untrusted.need("general.architecture" in h.fields, str(path), "no general.architecture")
+    arch = h.fields["general.architecture"][1]
+    untrusted.gguf_need_kinds(h, {f"{arch}.{k}": v for k, v in GGUF_ENGINE_KINDS.items()}, str(path))
+
+
+def check_onnx_input(path: Path) -> None:
+    """An ONNX export directory about to be handed to ONNX Runtime: its model files, and the external data they
+    name, regular files inside it."""
+    from nextq import untrusted
+
+    untrusted.onnx_dir(path, (), ONNX_FILES)
+
+
+# backend -> the check (nextq/untrusted.py) its engine's input passes before the engine reads a byte of it
+INPUT_CHECKS: dict[str, Callable[[Path], None]] = {"llama.cpp": check_gguf_input, "ort": check_onnx_input}
 
 
 def load(path: str | Path, backend: str | None = None, device: str = "cpu", **kwargs) -> Model:
@@ -55,6 +86,8 @@ def load(path: str | Path, backend: str | None = None, device: str = "cpu", **kw
             raise BackendError(f"backend {name!r} needs {e.name!r}, which is not installed") from None
     if name not in BACKENDS:
         raise BackendError(f"backend {name!r} is not available; available: {sorted(BACKENDS)}")
+    if name in INPUT_CHECKS:
+        INPUT_CHECKS[name](path)
     return BACKENDS[name](path, device=device, **kwargs)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tracemalloc
@@ -231,6 +232,78 @@ def test_gguf_import_leaves_no_temporary_directory(seed_gguf: Path, tmp_path: Pa
     with pytest.raises(NextqError, match=r"tokenizer.ggml.pre='xwen"):
         nextq.read(bad)
     assert list(tmp.iterdir()) == []
+
+
+# ---- engine inputs: what llama.cpp and ONNX Runtime get is checked first ---------------------------------------
+
+
+def test_run_gguf_claiming_2_40_elements_never_reaches_llama_cpp(tmp_path: Path):
+    p = tmp_path / "big.gguf"
+    p.write_bytes(gguf_bytes([2 ** 20, 2 ** 20], 64))
+    line = one_error_line("run", p, "--prompt", "hi")
+    assert "big.gguf: tensor 'token_embd.weight': dims [1048576, 1048576] need 4398046511104 bytes" in line, line
+    p.write_bytes(gguf_bytes([4, 4], 64, {"qwen3next.context_length": "long"}))  # read before llama.cpp loads
+    assert "qwen3next.context_length: expected int, got type 8" in one_error_line("run", p, "--prompt", "hi")
+
+
+def small_onnx_dir(d: Path) -> Path:
+    """An ONNX dir whose model.onnx (y = x + w) keeps w, 64 floats, in model.onnx.data."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(64, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], [w])
+    d.mkdir()
+    onnx.save_model(helper.make_model(graph), d / "model.onnx", save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    return d
+
+
+def set_external(model: Path, **entries: str) -> None:
+    """Rewrite the external_data entries (location / offset / length) of every tensor of `model`."""
+    import onnx
+
+    m = onnx.load_model(str(model), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            e.value = entries.get(e.key, e.value)
+    model.write_bytes(m.SerializeToString())
+
+
+@pytest.mark.parametrize("how,expect", [
+    ("dotdot", r"external data '\.\./secret\.bin' is not a plain relative path"),
+    ("absolute", r"external data .*secret\.bin is not inside the directory"),
+    ("data symlink", r"external data 'model\.onnx\.data' resolves to .*secret\.bin, outside"),
+    ("model symlink", r"model file 'model\.onnx' resolves to .*evil\.onnx, outside"),
+    ("past the end", r"tensor 'w' external_data: bytes \[1000, 1256\) of 'model\.onnx\.data', which has 256"),
+    ("not onnx", r"model\.onnx: not a valid ONNX model"),
+])
+def test_run_onnx_dir_leaving_its_directory_never_reaches_onnxruntime(tmp_path: Path, how: str, expect: str):
+    from nextq.runtime.backends import check_onnx_input
+
+    d = small_onnx_dir(tmp_path / "onnx")
+    check_onnx_input(d)  # the seed passes
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 4096)
+    if how in ("dotdot", "absolute"):
+        set_external(d / "model.onnx", location="../secret.bin" if how == "dotdot" else str(secret))
+    elif how == "data symlink":
+        (d / "model.onnx.data").unlink()
+        (d / "model.onnx.data").symlink_to(secret)
+    elif how == "model symlink":
+        (d / "model.onnx").rename(tmp_path / "evil.onnx")
+        (d / "model.onnx").symlink_to(tmp_path / "evil.onnx")
+    elif how == "past the end":
+        set_external(d / "model.onnx", offset="1000")
+    else:
+        (d / "model.onnx").write_bytes(b"\xff" * 64)
+    with pytest.raises(InputError, match=expect):
+        check_onnx_input(d)
+    line = one_error_line("run", d, "--prompt", "hi")
+    assert re.search(expect, line), line
 
 
 # ---- publish: regular files inside DIR only -------------------------------------------------------------------
