@@ -22,8 +22,9 @@ Prefill always starts a new sequence (caches reset); `decode` accepts one token 
 
 Speculative decoding with the MTP head (greedy, batch 1), `generate_speculative_greedy(ids, steps, k)`: the head
 (its own KV cache, its one layer reused for each draft) drafts k tokens, one graph per draft step; the verify step
-runs the k + 1 tokens through the model as one captured graph, the DeltaNet conv and recurrent kernels token by
-token from the kept state with the state after each token written to its own slot (the kept state untouched);
+runs the k + 1 tokens through the model as one captured graph, the DeltaNet conv and recurrent kernels one launch
+each over the k + 1 tokens from the kept state, the state after each token written to its own slot (the kept
+state untouched);
 a captured commit graph copies the slot of the last accepted token back and moves the position (KV rows past it
 are masked by position and overwritten later). One host read per verify step: the accepted count.
 """
@@ -233,8 +234,9 @@ class GpuModel:
 
     def deltanet(self, x: torch.Tensor, lw: LayerWeights, st: dict[str, torch.Tensor], steps: bool = False
                  ) -> torch.Tensor:
-        """steps (speculative verify): token by token from the kept state, the conv and recurrent state after token
-        i written to slot i of st["conv_steps"] / st["rec_steps"] [T_max, B, ...]; the kept state is not touched."""
+        """steps (speculative verify): the conv and recurrent kernels run the T tokens in one launch each from the
+        kept state, the state after token i written to slot i of st["conv_steps"] / st["rec_steps"] [T_max, B, ...];
+        the kept state is not touched."""
         from .triton.conv_update import conv_into
         from .triton.gdr_chunk import gdr_chunk_into
         from .triton.gdr_recurrent import gdr_recurrent_into
@@ -250,25 +252,17 @@ class GpuModel:
         b_raw, a_raw = proj[..., ch + nz:ch + nz + nb], proj[..., ch + nz + nb:]
         qkv = torch.empty(b, t, ch, dtype=x.dtype, device=x.device)
         conv = st["conv"][:b]
-        if steps:
-            for i in range(t):
-                src = conv if i == 0 else st["conv_steps"][i - 1, :b]
-                conv_into(qkv_in[:, i:i + 1], lw.mixer["conv"], src, qkv[:, i:i + 1], st["conv_steps"][i, :b])
-        else:
-            conv_into(qkv_in, lw.mixer["conv"], conv, qkv, conv)  # state in place
+        # steps: one launch over the t tokens, the state after token i into slot i; else the state in place
+        conv_into(qkv_in, lw.mixer["conv"], conv, qkv, st["conv_steps"][:, :b] if steps else conv, steps=steps)
         q = qkv[..., :nq].view(b, t, hk, dk)
         k = qkv[..., nq:nq + nk].view(b, t, hk, dk)
         v = qkv[..., nq + nk:].view(b, t, hv, dv)
         o = torch.empty(b, t, hv, dv, dtype=x.dtype, device=x.device)
         rec = st["rec"][:b]
         gates = (lw.mixer["A_log"], lw.mixer["dt_bias"])
-        if steps:
-            for i in range(t):
-                src, j = rec if i == 0 else st["rec_steps"][i - 1, :b], slice(i, i + 1)
-                gdr_recurrent_into(q[:, j], k[:, j], v[:, j], a_raw[:, j], b_raw[:, j], src, o[:, j],
-                                   st["rec_steps"][i, :b], gates=gates)
-        elif t == 1:  # gates computed in the kernel from the raw projections; state in place
-            gdr_recurrent_into(q, k, v, a_raw, b_raw, rec, o, rec, gates=gates)
+        if steps or t == 1:  # gates computed in the kernel from the raw projections; decode: state in place
+            gdr_recurrent_into(q, k, v, a_raw, b_raw, rec, o, st["rec_steps"][:, :b] if steps else rec, gates=gates,
+                               steps=steps)
         else:
             beta = torch.sigmoid(b_raw).contiguous()
             g = -lw.mixer["A_log"].exp() * F.softplus(a_raw.float() + lw.mixer["dt_bias"])  # log decay [B, T, Hv]

@@ -11,10 +11,12 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("CUDA is not available: the GPU kernels and executor need an NVIDIA GPU", allow_module_level=True)
 triton = pytest.importorskip("triton", reason="the GPU kernels need Triton")
+import triton.language as tl  # noqa: E402
 
 from nextq.quant import quantize  # noqa: E402
 from nextq.runtime import cuda_ops, ops  # noqa: E402
 from nextq.runtime.triton import gdr_chunk, gdr_recurrent, norms  # noqa: E402
+from nextq.runtime.triton.moe_grouped import _w_tile  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -376,3 +378,89 @@ def test_gpu_runs_an_fp8_checkpoint(tmp_path):
     # bf16: the fp32 check above is the exactness one; this random ragged model's bf16 drift measured 3.03e-2
     # median on the H200 (the float models of test_gpu_model_logits_match_cpu_runtime stay under 3e-2)
     assert float(per_pos.median()) <= 4e-2
+
+
+# ---- speculative verify: T tokens in one launch, the state after each token in its own slot ------------------
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_conv_kernel_steps_match_token_by_token(T):
+    """conv_into(steps=True): the outputs of one launch over T tokens, and slot t = the state after token t, as T
+    single-token reference steps; the kept state is not written."""
+    from nextq.runtime.triton.conv_update import conv_into
+
+    g = torch.Generator().manual_seed(50 + T)
+    b, c, k = 2, 300, 4
+    x = torch.randn(b, T + 2, c, generator=g)[:, 1:T + 1].to(DEV, torch.bfloat16)  # strided, as a projection slice
+    w = torch.randn(c, k, generator=g).to(DEV, torch.bfloat16)
+    s0 = torch.randn(b, c, k - 1, generator=g).to(DEV, torch.bfloat16)
+    kept = s0.clone()
+    y = torch.full_like(x, float("nan"))
+    slots = torch.full((T + 1, b, c, k - 1), float("nan"), device=DEV, dtype=torch.bfloat16)  # one spare slot
+    conv_into(x, w, s0, y, slots, steps=True)
+    st = s0.float().cpu()
+    for t in range(T):
+        y_ref, st = ops.causal_conv1d(x[:, t:t + 1].float().cpu(), w.float().cpu(), st)
+        assert rel(y[:, t:t + 1], y_ref) <= TOL
+        assert torch.equal(slots[t].float().cpu(), st)  # copies of inputs: exact
+    assert torch.equal(s0, kept) and bool(slots[T].isnan().all())
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_recurrent_kernel_steps_match_token_by_token(T):
+    """gdr_recurrent_into(steps=True) with raw gates: one launch over T tokens vs T reference steps; slot t holds
+    the state after token t (fp32 both sides, rel 1e-4: approximate exp and rsqrt on the GPU); the kept state is
+    untouched."""
+    import torch.nn.functional as F
+
+    q, k, v, _, _, s0 = on_gpu(gdr_inputs(2, T, 2, 4, 128, 128, seed=60 + T))
+    g = torch.Generator().manual_seed(70 + T)
+    a_raw, b_raw = torch.randn(2, T, 4, generator=g) * 4, torch.randn(2, T, 4, generator=g)
+    a_log, dt_bias = torch.rand(4, generator=g) * 2, torch.randn(4, generator=g) * 0.5
+    gl, beta = -a_log.exp() * F.softplus(a_raw + dt_bias), torch.sigmoid(b_raw)
+    kept = s0.clone()
+    out = torch.full_like(v, float("nan"))
+    slots = torch.full((T + 1, *s0.shape), float("nan"), device=DEV)
+    gdr_recurrent.gdr_recurrent_into(q, k, v, a_raw.to(DEV), b_raw.to(DEV), s0, out, slots,
+                                     gates=(a_log.to(DEV), dt_bias.to(DEV)), steps=True)
+    st = s0.cpu()
+    for t in range(T):
+        j = slice(t, t + 1)
+        o_ref, st = ops.gated_delta_rule_recurrent(q[:, j].float().cpu(), k[:, j].float().cpu(),
+                                                   v[:, j].float().cpu(), gl[:, j], beta[:, j], st)
+        assert rel(out[:, j], o_ref) <= TOL and rel(slots[t], st) <= 1e-4
+    assert torch.equal(s0, kept) and bool(slots[T].isnan().all())
+
+
+# ---- int4 dequantization inside the expert kernels --------------------------------------------------------------
+
+
+@triton.jit
+def _tile_probe(wq, ws, out, K, se_q, sn_q, se_s, sn_s, sk_s, N, SBK: tl.constexpr, NS: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr):
+    """Writes moe_grouped._w_tile's fp32 tile of expert program_id(0), rows 0 .. BN, k tile program_id(1)."""
+    e, i_k = tl.program_id(0), tl.program_id(1)
+    rn = tl.arange(0, BN)
+    w = _w_tile(wq, ws, e, rn, rn < N, i_k * BK, K, se_q, sn_q, se_s, sn_s, sk_s, 0, 1, SBK, NS, BN, BK)
+    rk = i_k * BK + tl.arange(0, BK)
+    tl.store(out + (e * N + rn[:, None]) * K + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
+
+
+@pytest.mark.parametrize("scheme,bk", [("int4_sym_g32", 32), ("int4_sym_g32", 256), ("int4_sym_g128", 64),
+                                       ("int4_sym_g128", 256)])
+def test_int4_tile_dequantization_is_exact(scheme, bk):
+    """The bit-trick int4 dequantization (f = 1 + q/16 from the nibble's bits, w = f 16d - 24d) gives exactly
+    (q - 8) d, for tiles of one scale group, of several, and of part of one; rows past N (masked) are not read."""
+    from nextq.runtime.triton.moe_int4 import int4_experts
+
+    g = torch.Generator().manual_seed(bk)
+    w = torch.randn(3, 24, 512, generator=g)
+    q, s = stack_quantized(w, scheme)
+    q[0, 0, :4] = torch.tensor([0x00, 0xFF, 0x8F, 0xF0], dtype=torch.uint8)  # every nibble extreme
+    m = int4_experts(q.to(DEV), s.to(DEV))
+    ref = cuda_ops.dequantize_int4_experts(q, s)
+    out = torch.full((3, 24, 512), float("nan"), device=DEV)
+    meta = m.meta(bk)
+    _tile_probe[(3, 512 // bk)](m.data, m.scales, out, 512, *m.args()[2:], 24, SBK=meta["SBK"], NS=meta["NS"],
+                                BN=32, BK=bk)
+    assert torch.equal(out.cpu(), ref)
