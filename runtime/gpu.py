@@ -15,7 +15,8 @@ split-half RoPE, softmax -> top-k MoE with a sigmoid-gated shared expert); diffe
 - fused launches: residual add + RMSNorm (runtime/triton/norms.py); routing (softmax, top-k, the shared gate's
   sigmoid) in one kernel; in decode, the shared expert inside the routed experts' two GEMV kernels, the DeltaNet
   gates inside the recurrent step, the conv state updated in place; attention's q/k norm + RoPE + KV-cache write
-  in one kernel (runtime/triton/qk_rope.py);
+  in one kernel (runtime/triton/qk_rope.py), and for decode and verify over short spans scores, softmax, values
+  and the output gate in one more (runtime/triton/attn_decode.py);
 - caches are allocated once for `max_batch` x `max_seq`; a decode step reads the position from a device
   tensor, so the step is captured once per (batch, attention-length bucket) as a CUDA graph and replayed.
 Prefill always starts a new sequence (caches reset); `decode` accepts one token per sequence.
@@ -49,6 +50,7 @@ from .backends import Model, register_backend
 from .rope import rope_parameters
 
 ATTN_BUCKET = 256  # decode attends over the cache rounded up to this many positions (one graph per bucket)
+ATTN_FUSED_MAX_SPAN = 2048  # decode / verify attention up to this span: one kernel (triton/attn_decode.py)
 
 # name -> tensor, QuantizedTensor, ExpertMatrix (for the stacked names f"{prefix}.experts.{part}") or None
 TensorSource = Callable[[str], Any]
@@ -274,6 +276,7 @@ class GpuModel:
                   fresh: bool, span: int) -> torch.Tensor:
         """fresh: the cache is empty (prefill) -> causal flash attention over the new keys; else attend over the
         first `span` cache positions, key j visible to query t iff j <= positions[t]."""
+        from .triton.attn_decode import attn_decode_into
         from .triton.qk_rope import qk_norm_rope_into
 
         c = self.config
@@ -286,6 +289,10 @@ class GpuModel:
         kc, vc = st["k"][:b], st["v"][:b]
         qk_norm_rope_into(proj, (hq, hkv, d), (nq + ng, nq + ng + nk), positions, self.rope, lw.mixer["q_norm"],
                           lw.mixer["k_norm"], (lw.offsets["q"], lw.offsets["k"]), c.rms_norm_eps, q, kc, vc)
+        if not fresh and span <= ATTN_FUSED_MAX_SPAN:  # one launch: scores, softmax, values and the gate
+            o = torch.empty(b, t, hq * d, dtype=x.dtype, device=x.device)
+            attn_decode_into(q, kc, vc, positions, span, gate, o)
+            return F.linear(o, lw.out)
         if fresh:  # positions are 0 .. t-1: the new keys are the cache's first t rows
             r = hq // hkv
             o = F.scaled_dot_product_attention(q, kc[:, :, :t].repeat_interleave(r, 1),

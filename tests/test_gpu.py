@@ -464,3 +464,29 @@ def test_int4_tile_dequantization_is_exact(scheme, bk):
     _tile_probe[(3, 512 // bk)](m.data, m.scales, out, 512, *m.args()[2:], 24, SBK=meta["SBK"], NS=meta["NS"],
                                 BN=32, BK=bk)
     assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.parametrize("T,positions", [(1, [300]), (4, [37, 38, 39, 40]), (2, [0, 1])])
+def test_attn_decode_kernel_matches_reference(T, positions):
+    """One-launch gated attention over the cache (decode, verify) vs softmax(q K^T / sqrt(D)) V * sigmoid(gate) in
+    fp32 over each token's visible rows 0 .. positions[t], at the real head shape (16 query heads on 2 KV heads of
+    256); rows past a token's position hold poison (NaN) that must not be read."""
+    from nextq.runtime.triton.attn_decode import attn_decode_into
+
+    g = torch.Generator().manual_seed(T)
+    b, hq, hkv, d, span = 2, 16, 2, 256, 512
+    q = torch.randn(b, hq, T, d, generator=g).to(DEV, torch.bfloat16)
+    kc, vc = (torch.randn(b, hkv, span + 64, d, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+    for c in (kc, vc):
+        c[:, :, max(positions) + 1:] = float("nan")
+    gate = torch.randn(b, T, 3 * hq * d, generator=g).to(DEV, torch.bfloat16)[..., hq * d:2 * hq * d]  # a view
+    out = torch.full((b, T, hq * d), float("nan"), device=DEV, dtype=torch.bfloat16)
+    attn_decode_into(q, kc, vc, torch.tensor(positions, device=DEV), span, gate, out)
+    qf, kf, vf, gf = (x.float().cpu() for x in (q, kc, vc, gate))
+    ref = torch.empty(b, T, hq, d)
+    for t, p in enumerate(positions):
+        k_t = kf[:, :, :p + 1].repeat_interleave(hq // hkv, 1)  # [B, Hq, p + 1, D]
+        s = (qf[:, :, t:t + 1] @ k_t.transpose(-1, -2)) * d ** -0.5
+        ref[:, t] = (torch.softmax(s, -1) @ vf[:, :, :p + 1].repeat_interleave(hq // hkv, 1))[:, :, 0]
+    ref = ref.reshape(b, T, hq * d) * torch.sigmoid(gf)
+    assert rel(out, ref) <= TOL
