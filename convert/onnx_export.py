@@ -8,9 +8,11 @@ One decoder graph serves prefill (T > 1) and decode (T = 1); the caller carries 
     outputs  logits [B, T, V] float32, hidden [B, T, H] (final-normed, feeds the MTP draft graph),
              present.{i}.* (same layouts; the key/value length grows to P + T)
 
-Ops (chosen to run on onnxruntime >= 1.32 and onnxruntime-gpu 1.31.1, see ../shared notes on the contrib ops):
-LinearAttention(update_rule="gated_delta"), CausalConvWithState, GatedRMSNorm, MoE / QMoE, MatMulNBits
-(com.microsoft); RMSNormalization, RotaryEmbedding, Attention (ai.onnx opset 23); DequantizeLinear + MatMul for fp8.
+Ops (chosen to run on onnxruntime >= 1.32 and onnxruntime-gpu 1.31.1, see docs/onnx.md):
+LinearAttention(update_rule="gated_delta"), CausalConvWithState, GatedRMSNorm, MoE / QMoE, MatMulNBits,
+GatherBlockQuantized (com.microsoft); RMSNormalization, RotaryEmbedding, Attention (ai.onnx opset 23);
+DequantizeLinear + MatMul for fp8. Integer block schemes (int4, int8, Q5_0/Q5_1, K-quants) go through their block
+form (quant/affine.py): codes and the exact float32 scale factors, an integer zero point, a per-block offset term.
 Weights stream into one external data file, so memory stays bounded by the largest tensor and the 2 GB
 protobuf limit does not apply. Every emitter is a small `make_<op>` function; node names are path-style
 (`/layers.3/mixer/q/MatMul`).
@@ -32,6 +34,8 @@ from onnx import TensorProto, helper
 
 from nextq.errors import UnsupportedModelError
 from nextq.quant import QuantizedTensor
+from nextq.quant.affine import AFFINE_VIEWS, AffineBlocks, affine_blocks
+from nextq.quant.int4 import pack_int4
 from nextq.runtime.rope import rope_parameters
 from nextq.graph import (
     DenseMLP, GatedAttention, GatedDeltaNet, Graph, Layer, ModelConfig, QuantRef, SparseMoE, atomic_output_dir,
@@ -53,6 +57,24 @@ TORCH_TO_ONNX = {
 # ---- graph builder ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Uint4:
+    """4-bit codes for an ONNX uint4 initializer: `packed` uint8 `[..., K/2]` (element 2j in the low nibble of byte
+    j, ONNX's order and nextq's low_even) standing for codes of `shape` `[..., K]`."""
+
+    packed: torch.Tensor
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, codes: torch.Tensor) -> Uint4:
+        """uint8 codes (0..15) of any shape, packed as ONNX packs 4-bit tensors: flattened, two per byte, a last odd
+        element in a byte of its own."""
+        flat = codes.reshape(1, -1)
+        if flat.shape[1] % 2:
+            flat = torch.cat((flat, flat.new_zeros(1, 1)), dim=1)
+        return cls(pack_int4(flat)[0], tuple(codes.shape))
+
+
 class ExternalData:
     """Appends tensors to one data file; a tensor written once (by name) is shared by every graph that uses it."""
 
@@ -62,17 +84,22 @@ class ExternalData:
         self.written: dict[str, TensorProto] = {}
 
     def add(self, name: str, t: torch.Tensor) -> TensorProto:
-        """Append `t` (aligned) and return its TensorProto, which points into the file."""
+        """Append `t` (aligned) and return its TensorProto, which points into the file. A `Uint4` wrapper is
+        written as ONNX uint4: its packed bytes, with the dims of the unpacked codes."""
+        dims = None
+        if isinstance(t, Uint4):
+            t, dims, elem = t.packed, list(t.shape), TensorProto.UINT4
         t = t.detach().contiguous().cpu()
         if t.dtype not in TORCH_TO_ONNX:
             raise UnsupportedModelError(f"{name}: dtype {t.dtype} has no ONNX export, supported: "
                                         f"{sorted(str(d) for d in TORCH_TO_ONNX)}")
+        if dims is None:
+            dims, elem = list(t.shape), TORCH_TO_ONNX[t.dtype]
         arr = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t).numpy()
         self.f.seek(-self.f.tell() % ALIGN, 1)
         offset = self.f.tell()
         self.f.write(arr.data)  # a view of the tensor's memory, no copy
-        proto = TensorProto(name=name, data_type=TORCH_TO_ONNX[t.dtype], dims=list(t.shape),
-                            data_location=TensorProto.EXTERNAL)
+        proto = TensorProto(name=name, data_type=elem, dims=dims, data_location=TensorProto.EXTERNAL)
         for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(arr.nbytes))):
             proto.external_data.add(key=k, value=v)
         self.written[name] = proto
@@ -155,21 +182,75 @@ def make_matmul(b: Builder, x: str, name: str, w: Any) -> str:
     return b.op1("MatMul", [x, wt], f"/{name}/MatMul")
 
 
+ONNX_BLOCKS = (128, 64, 32, 16)  # MatMulNBits / GatherBlockQuantized / blocked DequantizeLinear: powers of 2 >= 16
+
+
+def onnx_blocks(name: str, w: QuantizedTensor) -> AffineBlocks:
+    """The weight's integer block form (quant/affine.py) on blocks ONNX Runtime takes: the scheme's own block when it
+    is a power of two >= 16 (every group and K-quant scheme), else (int8_channel, one block per row) the largest
+    such divisor of K with the row scale repeated."""
+    ab = affine_blocks(w)
+    if ab.block in ONNX_BLOCKS:
+        return ab
+    bs = next((bs for bs in ONNX_BLOCKS if ab.block % bs == 0), None)
+    if bs is None:
+        raise UnsupportedModelError(f"{name}: scheme {w.scheme!r} on K={w.shape[1]}: ONNX Runtime's block-quantized "
+                                    f"ops need blocks of a power of two >= 16 dividing K")
+    return ab.reblock(bs)
+
+
+def onnx_bits(ab: AffineBlocks) -> int:
+    """The code width ONNX Runtime stores: 4 for codes of up to 4 bits (Q3_K's 3-bit codes included), else 8."""
+    return 4 if ab.bits <= 4 else 8
+
+
+def packed_codes(ab: AffineBlocks, bits: int) -> torch.Tensor:
+    """uint8 codes `[N, K]` -> `[N, K * bits / 8]`: bits 8 as they are, bits 4 two per byte, low nibble first."""
+    return pack_int4(ab.codes) if bits == 4 else ab.codes
+
+
+def zero_points(ab: AffineBlocks, bits: int) -> torch.Tensor | None:
+    """MatMulNBits / GatherBlockQuantized uint8 zero points `[N, nb]` (4 bits: two per byte along nb, padded to an
+    even count), or None when the scheme's zero is the ops' default 2^(bits - 1)."""
+    if ab.zero == 1 << (bits - 1):
+        return None
+    n, nb = ab.scale.shape
+    if bits == 8:
+        return torch.full((n, nb), ab.zero, dtype=torch.uint8)
+    return torch.full((n, -(-nb // 2)), ab.zero | ab.zero << 4, dtype=torch.uint8)
+
+
+def block_matrix(b: Builder, k: int, bs: int) -> str:
+    """0/1 matrix S `[K, K/bs]` with S[k, j] = 1 when k // bs == j (shared by every weight of that K and block):
+    x @ S sums x over each block, S^T spreads a per-block value over its block. Exact (products by 1, sums of 0)."""
+    return b.weight(f"blocks.{k}x{bs}", lambda: torch.eye(k // bs).repeat_interleave(bs, 0))
+
+
 def make_matmul_nbits(b: Builder, x: str, name: str, w: Any) -> str:
-    """int4_sym_g{32,64,128} -> MatMulNBits, bits 4, no zero points (ORT's default 8 = nextq's implicit 8).
+    """Integer block schemes (int4 / int8 / Q5 / K-quants) -> MatMulNBits, bits 4 or 8, in the scheme's own blocks:
+    B = the codes `[N, K/bs, bs*bits/8]`, scales float32 (the exact factors the scheme dequantizes with), uint8 zero
+    points when the scheme's zero is not ORT's default 2^(bits-1). accuracy_level 0: fp32 activations, never int8.
+    A per-block offset (Q4_1's min, Q4_K/Q5_K's -dmin*m: no integer zero point expresses it) is its own exact term:
+    (x @ S) @ offset^T, S the block-sum matrix.
 
-    nextq's codes are already in ORT order (low nibble = even k); B is the same bytes viewed [N, K/bs, bs/2];
-    scales fp16 -> float32 (exact), in the activation dtype. accuracy_level 0: fp32 activations, never int8.
-
-        x ──MatMulNBits── y
-            B, scales ─┘
+        x ──MatMulNBits(B, scales[, zero_points])─────────────── Add ── y
+          └─ MatMul(S [K, K/bs]) ─ MatMul(offset^T [K/bs, N]) ──┘        (offset schemes only)
     """
     n, k = w.shape
-    bs = w.block_size
-    qb = b.weight(f"{name}.qweight", lambda: w.data.reshape(n, k // bs, bs // 2))
-    sc = b.weight(f"{name}.scales", lambda: w.scales.to(torch.float32))
-    return b.op1("MatMulNBits", [x, qb, sc], f"/{name}/MatMulNBits", domain="com.microsoft",
-                 K=k, N=n, bits=4, block_size=bs, accuracy_level=0)
+    ab = onnx_blocks(f"{name}.weight", w)
+    bits, bs = onnx_bits(ab), ab.block
+    inputs = [x, b.weight(f"{name}.qweight", lambda: packed_codes(ab, bits).reshape(n, k // bs, bs * bits // 8)),
+              b.weight(f"{name}.scales", lambda: ab.scale)]
+    zp = zero_points(ab, bits)
+    if zp is not None:
+        inputs.append(b.weight(f"{name}.zero_points", lambda: zp))
+    y = b.op1("MatMulNBits", inputs, f"/{name}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=bits,
+              block_size=bs, accuracy_level=0)
+    if ab.offset is None:
+        return y
+    sums = b.op1("MatMul", [x, block_matrix(b, k, bs)], f"/{name}/offset/BlockSum")
+    off = b.op1("MatMul", [sums, b.weight(f"{name}.offset.T", lambda: ab.offset.T)], f"/{name}/offset/MatMul")
+    return b.op1("Add", [y, off], f"/{name}/offset/Add")
 
 
 def _fp8_dequant(b: Builder, name: str, w: Any) -> str:
@@ -199,7 +280,7 @@ def make_fp8_matmul(b: Builder, x: str, name: str, w: Any) -> str:
 
 LINEAR_FORMATS: dict[str, Callable[[Builder, str, str, Any], str]] = {
     **{s: make_matmul for s in FLOAT_SCHEMES},
-    **{f"int4_sym_g{g}": make_matmul_nbits for g in (32, 64, 128)},
+    **{s: make_matmul_nbits for s in AFFINE_VIEWS},
     "fp8_channel": make_fp8_matmul,
     "fp8_block128": make_fp8_matmul,
     "fp8_g128": make_fp8_matmul,
@@ -407,21 +488,37 @@ def stored_scheme(graph: Graph, name: str) -> str:
     return getattr(t, "scheme", None) or "dense"  # a pending quantized tensor knows its scheme; dense ones: None
 
 
-def _expert_scheme(b: Builder, p: str) -> str:
-    schemes = {stored_scheme(b.graph, f"{p}.experts.{e}.{part}.weight")
-               for part in ("gate", "up", "down") for e in range(b.config.num_experts)}
-    if len(schemes) != 1:
-        raise UnsupportedModelError(f"{p}.experts: one scheme for every expert's gate/up/down expected "
-                                    f"(QMoE/MoE take one format per layer), got {sorted(schemes)}")
-    return schemes.pop()
+FC_PARTS = {"fc1": ("gate", "up"), "fc2": ("down",)}  # MoE / QMoE fc1 = gate and up rows interleaved, fc2 = down
 
 
-def _float_experts(b: Builder, p: str) -> tuple[str, str]:
-    """Float experts -> fc1 [E, 2I, H] interleaved, fc2 [E, H, I], float32 initializers."""
-    fc1 = b.weight(f"{p}.experts.fc1", lambda: _interleave(*(torch.stack([dense(t) for t in _experts(b, p, part)])
-                                                            for part in ("gate", "up"))))
-    fc2 = b.weight(f"{p}.experts.fc2", lambda: torch.stack([dense(t) for t in _experts(b, p, "down")]))
-    return fc1, fc2
+def _expert_schemes(b: Builder, p: str) -> dict[str, str]:
+    """{"fc1": scheme, "fc2": scheme} of a layer's experts: one scheme for every expert's gate and up, one for every
+    expert's down (llama.cpp's mixes give down its own type; MoE / QMoE take one format per fc)."""
+    out = {}
+    for fc, parts in FC_PARTS.items():
+        schemes = {stored_scheme(b.graph, f"{p}.experts.{e}.{part}.weight")
+                   for part in parts for e in range(b.config.num_experts)}
+        if len(schemes) != 1:
+            raise UnsupportedModelError(f"{p}.experts: one scheme for every expert's {'/'.join(parts)} expected "
+                                        f"(MoE/QMoE take one format per fc), got {sorted(schemes)}")
+        out[fc] = schemes.pop()
+    return out
+
+
+def _stack_fc(fc: str, rows: Callable[[str], list[torch.Tensor]]) -> torch.Tensor:
+    """rows(part) (one tensor per expert) stacked `[E, ...]`; fc1: gate and up rows interleaved."""
+    stacks = [torch.stack(rows(part)) for part in FC_PARTS[fc]]
+    return _interleave(*stacks) if fc == "fc1" else stacks[0]
+
+
+def _expert_rows(b: Builder, p: str, f: Callable[[Any], torch.Tensor]) -> Callable[[str], list[torch.Tensor]]:
+    """part -> [f(weight of expert e) for each expert]."""
+    return lambda part: [f(t) for t in _experts(b, p, part)]
+
+
+def _float_experts(b: Builder, p: str, fc: str) -> str:
+    """Float experts -> fc1 [E, 2I, H] interleaved / fc2 [E, H, I], float32 initializers."""
+    return b.weight(f"{p}.experts.{fc}", lambda: _stack_fc(fc, _expert_rows(b, p, dense)))
 
 
 def _row_block_scales(t: Any) -> torch.Tensor:
@@ -432,66 +529,102 @@ def _row_block_scales(t: Any) -> torch.Tensor:
     return t.scales.repeat_interleave(t.block_size[0], 0)[:n].float()
 
 
-def _fp8_experts(b: Builder, p: str) -> tuple[str, str]:
+def _fp8_experts(b: Builder, p: str, fc: str) -> str:
     """fp8 experts stay e4m3fn in the file: DequantizeLinear (blocked along K) -> float fc1 / fc2 for MoE.
     ORT has no fp8 MoE kernel on CPU; dequantizing in the graph is exact in fp32.
 
         fc1 fp8 [E,2I,H], scales [E,2I,nb] ─ DequantizeLinear(axis 2) ─ fc1 f32 ─ MoE
     """
-    ts = {part: _experts(b, p, part) for part in ("gate", "up", "down")}
-    k1, k2 = ts["gate"][0].shape[1], ts["down"][0].shape[1]
-    bk1, bk2 = ((k1, k2) if ts["gate"][0].scheme == "fp8_channel" else (ts["gate"][0].block_size[1],) * 2)
-
-    def stack(part, f):
-        return torch.stack([f(t) for t in ts[part]])
-
-    q1 = b.weight(f"{p}.experts.fc1.fp8", lambda: _interleave(stack("gate", lambda t: t.data), stack("up", lambda t: t.data)))
-    s1 = b.weight(f"{p}.experts.fc1.scales", lambda: _interleave(stack("gate", _row_block_scales),
-                                                                 stack("up", _row_block_scales)))
-    q2 = b.weight(f"{p}.experts.fc2.fp8", lambda: stack("down", lambda t: t.data))
-    s2 = b.weight(f"{p}.experts.fc2.scales", lambda: stack("down", _row_block_scales))
-    fc1 = b.op1("DequantizeLinear", [q1, s1], f"/{p}/experts/fc1/DequantizeLinear", axis=2, block_size=min(bk1, k1))
-    fc2 = b.op1("DequantizeLinear", [q2, s2], f"/{p}/experts/fc2/DequantizeLinear", axis=2, block_size=min(bk2, k2))
-    return fc1, fc2
+    t0 = _experts(b, p, FC_PARTS[fc][0])[0]
+    k = t0.shape[1]
+    bk = k if t0.scheme == "fp8_channel" else t0.block_size[1]
+    q = b.weight(f"{p}.experts.{fc}.fp8", lambda: _stack_fc(fc, _expert_rows(b, p, lambda t: t.data)))
+    sc = b.weight(f"{p}.experts.{fc}.scales", lambda: _stack_fc(fc, _expert_rows(b, p, _row_block_scales)))
+    return b.op1("DequantizeLinear", [q, sc], f"/{p}/experts/{fc}/DequantizeLinear", axis=2, block_size=min(bk, k))
 
 
-EXPERT_WEIGHTS = {**{s: _float_experts for s in FLOAT_SCHEMES}, "fp8_channel": _fp8_experts,
-                  "fp8_block128": _fp8_experts, "fp8_g128": _fp8_experts}
+def _block_experts(b: Builder, p: str, fc: str) -> str:
+    """Integer block experts (int4 with zero points, int8 groups, Q5, K-quants; int4_sym when fc1 and fc2 differ)
+    -> float fc1 / fc2 for MoE, dequantized
+    in the graph from the codes in the file: DequantizeLinear(codes uint4/uint8 [E,N,K], scales [E,N,nb], zero
+    points, axis 2, blocked), then + offset per block. Each element is (q - zero) * scale (+ offset) in float32, the
+    operations of the scheme's own dequantize: bit-exact. QMoE cannot take these exactly: its zero points are
+    integers (no Q4_1 / Q4_K offsets) and its block-wise 8-bit path quantizes the activations to int8 (notes,
+    gotcha 2).
+
+        codes, scales[, zero_points] ─ DequantizeLinear ─ Reshape [E,N,nb,bs] ─ Add(offset [E,N,nb,1]) ─ Reshape
+    """
+    name = f"{p}.experts.{fc}"
+    views = {part: [onnx_blocks(f"{p}.experts.{e}.{part}.weight", t) for e, t in enumerate(_experts(b, p, part))]
+             for part in FC_PARTS[fc]}
+    ab0 = views[FC_PARTS[fc][0]][0]
+    bits, bs, zero = onnx_bits(ab0), ab0.block, ab0.zero
+
+    def stacked(field: str) -> torch.Tensor:
+        return _stack_fc(fc, lambda part: [getattr(v, field) for v in views[part]])
+
+    def typed(codes: torch.Tensor) -> torch.Tensor | Uint4:  # the initializer of ONNX type uint4 / uint8
+        return Uint4.of(codes) if bits == 4 else codes
+
+    scales = stacked("scale")  # [E, N, nb]
+    e, n, nb = scales.shape
+    inputs = [b.weight(f"{name}.codes", lambda: typed(stacked("codes"))), b.weight(f"{name}.scales", lambda: scales)]
+    if zero:  # DequantizeLinear's default zero point is 0
+        inputs.append(b.weight(f"{name}.zero_points", lambda: typed(torch.full((e, n, nb), zero, dtype=torch.uint8))))
+    w = b.op1("DequantizeLinear", inputs, f"/{name}/DequantizeLinear", axis=2, block_size=bs)
+    if ab0.offset is None:
+        return w
+    off = b.weight(f"{name}.offset", lambda: stacked("offset")[..., None])
+    w4 = make_reshape(b, w, [e, n, nb, bs], f"/{name}/offset/Reshape")
+    return make_reshape(b, b.op1("Add", [w4, off], f"/{name}/offset/Add"), [e, n, nb * bs],
+                        f"/{name}/offset/Reshape_out")
 
 
-def make_moe_float(b: Builder, x: str, logits: str, p: str) -> str:
-    """Float or fp8 experts -> com.microsoft MoE (swiglu_fusion=1: the only form its CPU kernel supports)."""
-    fc1, fc2 = EXPERT_WEIGHTS[_expert_scheme(b, p)](b, p)
+EXPERT_WEIGHTS: dict[str, Callable[[Builder, str, str], str]] = {
+    **{s: _float_experts for s in FLOAT_SCHEMES}, "fp8_channel": _fp8_experts, "fp8_block128": _fp8_experts,
+    "fp8_g128": _fp8_experts, **{s: _block_experts for s in AFFINE_VIEWS},
+}
+
+
+def make_moe_float(b: Builder, x: str, logits: str, p: str, schemes: dict[str, str]) -> str:
+    """Float, fp8 or integer block experts (fc1 and fc2 each in its own format) -> com.microsoft MoE on float fc1 /
+    fc2 (swiglu_fusion=1: the only form its CPU kernel supports)."""
+    fc1, fc2 = (EXPERT_WEIGHTS[schemes[fc]](b, p, fc) for fc in FC_PARTS)
     c = b.config
     return b.op1("MoE", [x, logits, fc1, "", fc2, ""], f"/{p}/experts/MoE", domain="com.microsoft",
                  k=c.num_experts_per_tok, normalize_routing_weights=int(c.norm_topk_prob), activation_type="swiglu",
                  swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
 
 
-def make_qmoe_int4(b: Builder, x: str, logits: str, p: str) -> str:
-    """int4_sym_g* experts -> QMoE int4: codes uint8 [E, N, K/2] (low nibble = even k, as nextq stores them),
-    scales float32 [E, N, K/bs], no zero points (default 8 = nextq's implicit 8), fc1 rows interleaved
-    gate/up. weights_prepacked stays unset (1 returns garbage on 1.32) and accuracy_level 0 keeps fp32
-    activations."""
+def make_qmoe_int4(b: Builder, x: str, logits: str, p: str, schemes: dict[str, str]) -> str:
+    """int4_sym_g* experts (one group size for fc1 and fc2) -> QMoE int4: codes uint8 [E, N, K/2] (low nibble =
+    even k, as nextq stores them), scales float32 [E, N, K/bs], no zero points (default 8 = nextq's implicit 8), fc1
+    rows interleaved gate/up. weights_prepacked stays unset (1 returns garbage on 1.32) and accuracy_level 0 keeps
+    fp32 activations."""
     c = b.config
-    qs = {part: _experts(b, p, part) for part in ("gate", "up", "down")}
-    bs = qs["gate"][0].block_size
-    fc1 = b.weight(f"{p}.experts.fc1.qweight", lambda: _interleave(torch.stack([t.data for t in qs["gate"]]),
-                                                                   torch.stack([t.data for t in qs["up"]])))
-    s1 = b.weight(f"{p}.experts.fc1.scales", lambda: _interleave(torch.stack([t.scales for t in qs["gate"]]),
-                                                                 torch.stack([t.scales for t in qs["up"]])).float())
-    fc2 = b.weight(f"{p}.experts.fc2.qweight", lambda: torch.stack([t.data for t in qs["down"]]))
-    s2 = b.weight(f"{p}.experts.fc2.scales", lambda: torch.stack([t.scales for t in qs["down"]]).float())
-    return b.op1("QMoE", [x, logits, fc1, s1, "", fc2, s2], f"/{p}/experts/QMoE", domain="com.microsoft",
+    bs = _experts(b, p, "gate")[0].block_size
+    (q1, s1), (q2, s2) = ((b.weight(f"{p}.experts.{fc}.qweight", lambda: _stack_fc(fc, _expert_rows(b, p, lambda t: t.data))),
+                           b.weight(f"{p}.experts.{fc}.scales",
+                                    lambda: _stack_fc(fc, _expert_rows(b, p, lambda t: t.scales.float()))))
+                          for fc in FC_PARTS)
+    return b.op1("QMoE", [x, logits, q1, s1, "", q2, s2], f"/{p}/experts/QMoE", domain="com.microsoft",
                  k=c.num_experts_per_tok, normalize_routing_weights=int(c.norm_topk_prob), activation_type="swiglu",
                  swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=4, block_size=bs,
                  accuracy_level=0)
 
 
-EXPERT_FORMATS: dict[str, Callable[[Builder, str, str, str], str]] = {
+EXPERT_FORMATS: dict[str, Callable[[Builder, str, str, str, dict[str, str]], str]] = {
     **{s: make_moe_float for s in EXPERT_WEIGHTS},
     **{f"int4_sym_g{g}": make_qmoe_int4 for g in (32, 64, 128)},
 }
+
+
+def expert_format(schemes: dict[str, str]) -> Callable[[Builder, str, str, str, dict[str, str]], str] | None:
+    """The emitter for a layer's experts with fc1 / fc2 schemes `schemes`: the scheme's own (QMoE for int4_sym) when
+    both agree, MoE on float weights when each fc can be made float, else None."""
+    if schemes["fc1"] == schemes["fc2"]:
+        return EXPERT_FORMATS.get(schemes["fc1"])
+    return make_moe_float if all(s in EXPERT_WEIGHTS for s in schemes.values()) else None
 
 
 def make_sparse_moe(b: Builder, x: str, p: str) -> str:
@@ -504,11 +637,13 @@ def make_sparse_moe(b: Builder, x: str, p: str) -> str:
     """
     h = b.config.hidden_size
     x2 = make_reshape(b, x, [-1, h], f"/{p}/Reshape")
-    fmt = _expert_scheme(b, p)
-    if fmt not in EXPERT_FORMATS:
-        raise UnsupportedModelError(f"{p}.experts: scheme {fmt!r} has no ONNX export, supported: "
-                                    f"{sorted(EXPERT_FORMATS)}")
-    routed = EXPERT_FORMATS[fmt](b, x2, make_linear(b, x2, f"{p}.router"), p)
+    schemes = _expert_schemes(b, p)
+    emit = expert_format(schemes)
+    if emit is None:
+        raise UnsupportedModelError(f"{p}.experts: schemes fc1 {schemes['fc1']!r} / fc2 {schemes['fc2']!r} have no "
+                                    f"ONNX export, supported: {sorted(EXPERT_FORMATS)} (int4_sym for both, or any "
+                                    f"of {sorted(EXPERT_WEIGHTS)} each)")
+    routed = emit(b, x2, make_linear(b, x2, f"{p}.router"), p, schemes)
     sg = b.op1("Sigmoid", [make_linear(b, x2, f"{p}.shared_gate")], f"/{p}/shared_gate/Sigmoid")
     shared = b.op1("Mul", [make_swiglu(b, x2, f"{p}.shared"), sg], f"/{p}/shared/Mul")
     y = b.op1("Add", [routed, shared], f"/{p}/Add")
@@ -534,21 +669,62 @@ def make_layer(b: Builder, x: str, layer: Layer, i: int) -> str:
 
 
 def make_lm_head(b: Builder, h: str) -> str:
-    """logits = h @ lm_head^T; tied: the embedding table, transposed in the graph (stored once)."""
+    """logits = h @ lm_head^T; tied: the embedding table, transposed in the graph (stored once), or a quantized
+    embedding's codes as a linear (MatMulNBits; its codes are stored a second time, in MatMulNBits' layout)."""
     if not b.config.tie_word_embeddings:
         return make_linear(b, h, "lm_head")
+    if "embed" not in b.cache:
+        return make_linear(b, h, "embed")
     wt = b.op1("Transpose", [b.cache["embed"]], "/lm_head/Transpose", perm=[1, 0])
     return b.op1("MatMul", [h, wt], "/lm_head/MatMul")
 
 
-def make_embedding(b: Builder, ids: str) -> str:
+def make_gather_float(b: Builder, ids: str, w: Any) -> str:
     """Gather from the float32 table (shared with a tied lm_head and the MTP graph)."""
-    fmt = stored_scheme(b.graph, "embed.weight")
-    if fmt not in FLOAT_SCHEMES:
-        raise UnsupportedModelError(f"embed.weight: scheme {fmt!r} has no ONNX export, "
-                                    f"supported: a float embedding {list(FLOAT_SCHEMES)}")
-    table = b.cache["embed"] = b.weight("embed.weight", lambda: dense(b.graph.get("embed.weight")))
+    table = b.cache["embed"] = b.weight("embed.weight", lambda: dense(w))
     return b.op1("Gather", [table, ids], "/embed/Gather", axis=0)
+
+
+def make_gather_blocks(b: Builder, ids: str, w: Any) -> str:
+    """Integer block embeddings -> com.microsoft GatherBlockQuantized on uint8 data (bits 4: two codes per byte,
+    low first; bits 8: one), gather_axis 0, quantize_axis 1, the scheme's own blocks and float32 scales, uint8 zero
+    points when the zero is not the op's default 2^(bits-1) for uint8 data. A per-block offset (Q5_1) is gathered
+    too and spread over its block with the 0/1 matrix S^T.
+
+        ids ─ GatherBlockQuantized(data, scales[, zero_points]) ───────────────── Add ── [B, T, H]
+            └ Gather(offset [V, nb]) ─ MatMul(S^T [nb, H]) ───────────────────────┘    (offset schemes only)
+    """
+    v, k = w.shape
+    ab = onnx_blocks("embed.weight", w)
+    bits, bs = onnx_bits(ab), ab.block
+    inputs = [b.weight("embed.qdata", lambda: packed_codes(ab, bits)), ids,
+              b.weight("embed.scales", lambda: ab.scale)]
+    zp = zero_points(ab, bits)
+    if zp is not None:
+        inputs.append(b.weight("embed.zero_points", lambda: zp))
+    x = b.op1("GatherBlockQuantized", inputs, "/embed/GatherBlockQuantized", domain="com.microsoft", bits=bits,
+              block_size=bs, gather_axis=0, quantize_axis=1)
+    if ab.offset is None:
+        return x
+    off = b.op1("Gather", [b.weight("embed.offset", lambda: ab.offset), ids], "/embed/gather_offset/Gather", axis=0)
+    spread = b.op1("Transpose", [block_matrix(b, k, bs)], "/embed/gather_offset/Transpose", perm=[1, 0])
+    return b.op1("Add", [x, b.op1("MatMul", [off, spread], "/embed/gather_offset/MatMul")],
+                "/embed/gather_offset/Add")
+
+
+EMBED_FORMATS: dict[str, Callable[[Builder, str, Any], str]] = {
+    **{s: make_gather_float for s in FLOAT_SCHEMES},
+    **{s: make_gather_blocks for s in AFFINE_VIEWS},
+}
+
+
+def make_embedding(b: Builder, ids: str) -> str:
+    """Token embeddings in whatever format the table is stored (EMBED_FORMATS)."""
+    fmt = stored_scheme(b.graph, "embed.weight")
+    if fmt not in EMBED_FORMATS:
+        raise UnsupportedModelError(f"embed.weight: scheme {fmt!r} has no ONNX export, "
+                                    f"supported: {sorted(EMBED_FORMATS)}")
+    return EMBED_FORMATS[fmt](b, ids, b.graph.get("embed.weight"))
 
 
 def _token_inputs(b: Builder) -> tuple[str, str]:

@@ -169,12 +169,13 @@ def target_problem(cls: str, scheme: str, target: str) -> str | None:
             return None
         return f"re-quantized to {s.gguf_nearest} (measured, printed)" if s.gguf_nearest else s.why_not("gguf")
     if target == "onnx":
-        if cls == "embed":  # a Gather on a float table
-            return "quantized embeddings are not emitted (GatherBlockQuantized not implemented)"
-        if cls == "experts":
-            ok = scheme in onnx_export.EXPERT_FORMATS
-            return None if ok else (s.why_not("onnx") if not s.onnx else "QMoE takes int4_sym, fp8 or float experts")
-        return None if s.onnx else s.why_not("onnx")
+        formats = {"embed": onnx_export.EMBED_FORMATS, "experts": onnx_export.EXPERT_FORMATS}.get(
+            cls, onnx_export.LINEAR_FORMATS)
+        if scheme in formats:
+            return None
+        if cls == "embed":
+            return f"not emitted: the ONNX embedding takes a float or integer block table, not {scheme}"
+        return s.why_not("onnx")
     if cls == "experts":  # gpu: routed experts run packed in the MoE kernels; other weights are dequantized at load
         return None if s.gpu else s.why_not("gpu")
     return None

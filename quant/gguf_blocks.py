@@ -67,6 +67,21 @@ class GGUFBlockType:
         data = torch.cat([*parts, qh, qs], dim=-1).reshape(n, -1)
         return QuantizedTensor(scheme=self.name, shape=(n, k), data=data, scales=None, block_size=BLOCK)
 
+    def decode(self, qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The GGUF blocks -> (codes uint8 `[N, K]` 0..31, d float32 `[N, K/32]`, m float32 `[N, K/32]` for Q5_1
+        else None): the inverse of `encode`, so value = d * (q - 16) (Q5_0) or d * q + m (Q5_1)."""
+        n, k = qt.shape
+        nb = k // BLOCK
+        b = qt.data.reshape(n, nb, self.block_bytes)
+        d = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
+        at, m = 2, None
+        if self.block_bytes == 24:
+            m, at = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1), 4
+        qh, qs = b[..., at:at + 4], b[..., at + 4:at + 20]  # [n, nb, 4], [n, nb, 16]
+        lo = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # element j (low nibble of byte j) and j + 16 (high)
+        hi = (qh[..., :, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [n, nb, 4 bytes, 8 bits]: element 8i+b
+        return (lo | (hi.reshape(n, nb, BLOCK) << 4)).reshape(n, k), d, m
+
     def data_shape(self, n: int, k: int) -> tuple[int, int]:
         return n, k // BLOCK * self.block_bytes
 

@@ -25,6 +25,9 @@ from nextq.convert.onnx_export import DATA_FILE, MODEL_FILE, MTP_FILE, export_on
 from nextq.errors import OutputExistsError, UnsupportedModelError
 from nextq.graph import Graph
 from nextq.quant import quantize
+from nextq.quant.apply import quantize_graph
+from nextq.quant.recipes import RECIPES as RECIPES_BUILTIN
+from nextq.quant.recipes import Override, Recipe
 
 TOL = 1e-4
 QTOL = 1e-3
@@ -200,14 +203,100 @@ def test_quantized_export_uses_the_kernels_and_keeps_activations_float(quant_exp
 def test_unsupported_scheme_is_refused_naming_the_tensor(quant_exports, tmp_path):
     qir, _ = quant_exports["int4"]
     g = Graph.load(qir)
-    g.tensors["layers.0.mixer.out.weight"] = quantize(g.get("layers.0.mixer.out.weight").dequantize(), "int4_asym_g32")
-    with pytest.raises(UnsupportedModelError, match=r"layers\.0\.mixer\.out\.weight: scheme 'int4_asym_g32'"):
+    n = g.get("layers.0.mixer.out.weight").shape[0]
+    g.tensors["layers.0.mixer.out.weight"] = quantize(torch.randn(n, 40), "int8_channel")  # no power-of-2 block of K
+    with pytest.raises(UnsupportedModelError, match=r"layers\.0\.mixer\.out\.weight: scheme 'int8_channel' on K=40"):
         export_onnx(g, tmp_path / "x")
     g = Graph.load(qir)
     g.tensors["layers.1.ffn.experts.0.down.weight"] = g.get("layers.1.ffn.experts.0.down.weight").dequantize()
     with pytest.raises(UnsupportedModelError, match=r"layers\.1\.ffn\.experts: one scheme"):
         export_onnx(g, tmp_path / "x")
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+# ---- every built-in recipe, every integer block scheme -------------------------------------------------------
+
+
+KQ_WIDE = dict(hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2, linear_num_value_heads=4,
+               linear_value_head_dim=64, moe_intermediate_size=256, shared_expert_intermediate_size=256)
+DOWN = "*.experts.*.down.weight"
+# each integer block scheme (quant/affine.py) as embedding, experts (fc1, and a different fc2 through DOWN) and linear
+ROTATIONS = [
+    Recipe("rot-a", embed="q4_k", experts="q3_k", attention="q6_k", deltanet="q5_k", shared_expert="int8_channel",
+           mtp="q5_0", overrides=(Override(DOWN, "q4_k"),)),
+    Recipe("rot-b", embed="q6_k", experts="q5_1", attention="int4_asym_g64", deltanet="q3_k", shared_expert="q4_k",
+           mtp="int8_g32", overrides=(Override(DOWN, "int4_sym_g32"),)),
+    Recipe("rot-c", embed="q5_1", experts="q6_k", attention="q5_0", deltanet="int4_asym_g32", shared_expert="q5_k",
+           mtp="int4_asym_g128", overrides=(Override(DOWN, "q5_k"),)),
+    Recipe("rot-d", embed="int4_asym_g128", experts="q5_0", attention="int4_sym_g64", deltanet="int8_g32",
+           shared_expert="q6_k", mtp="q3_k", overrides=(Override(DOWN, "int8_g32"),)),
+    Recipe("rot-e", embed="q3_k", experts="int4_asym_g64", attention="q4_k", deltanet="int4_sym_g128",
+           shared_expert="q5_1", mtp="q6_k", overrides=(Override(DOWN, "int4_asym_g64"),)),
+]
+
+
+def check_ort_matches_torch(qir: Path, onnx_dir: Path, mtp: bool = False) -> None:
+    """ORT logits (whole sequence and prefill + decode through the state) against nextq's torch runtime on the same
+    quantized IR; MatMulNBits / QMoE keep fp32 activations."""
+    ids = ids_for(2, 9, 3)
+    torch_model, model = nextq.load(qir), nextq.load(onnx_dir)
+    ref = torch_model.logits(ids)
+    # same codes and float32 scale factors on both sides (DequantizeLinear paths bit-exact, quant/affine.py); the
+    # rest is fp32 accumulation order and the offset term's separate sum (observed 6e-7..1e-6)
+    assert rel_err(model.logits(ids), ref) <= QTOL
+    steps = [model.prefill(ids[:, :6])] + [model.decode(ids[:, i:i + 1]) for i in range(6, 9)]
+    assert rel_err(np.stack(steps, 1), ref[:, 5:]) <= QTOL
+    if mtp:
+        hidden = torch_model.model.hidden(torch.from_numpy(ids), torch_model.model.new_state())
+        want = torch_model.model.mtp_logits(hidden[:, :-1], torch.from_numpy(ids[:, 1:])).numpy()
+        assert rel_err(model.mtp_logits(hidden.numpy()[:, :-1], ids[:, 1:]), want) <= QTOL  # quantized embed, tied
+    m = onnx.load(onnx_dir / MODEL_FILE, load_external_data=False)
+    for n in m.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type in ("MatMulNBits", "QMoE"):
+            assert attrs["accuracy_level"] == 0 and attrs.get("bits", 4) in (4, 8)
+
+
+@pytest.fixture(scope="module")
+def embedded_ir(tmp_path_factory) -> Path:
+    from nextq.pipeline import embedded_model
+
+    src = embedded_model()
+    if not (src / "model.safetensors").is_file():
+        pytest.skip(f"{src}/model.safetensors not built yet (scripts/ trains it)")
+    ir = tmp_path_factory.mktemp("embedded") / "ir"
+    convert(str(src), ir)
+    return ir
+
+
+@pytest.mark.parametrize("name", list(RECIPES_BUILTIN))
+def test_every_builtin_recipe_of_the_embedded_model_runs_in_ort(embedded_ir, name, tmp_path):
+    """Round-to-nearest with each built-in recipe (its 128-wide rows take llama.cpp's fallbacks: Q5_0 / Q5_1 / Q8_0
+    beside Q4_K..Q6_K where K = 256), exported and run by ONNX Runtime."""
+    quantize_graph(Graph.load(embedded_ir), RECIPES_BUILTIN[name], tmp_path / "q")
+    check_ort_matches_torch(tmp_path / "q", export_onnx(tmp_path / "q", tmp_path / "onnx"))
+
+
+@pytest.fixture(scope="module")
+def kquant_ir(ckpt_factory, tmp_path_factory) -> Path:
+    """A tiny model whose every matrix has rows of 256 (K-quants apply, no fallback), tied embeddings, an MTP head."""
+    src = ckpt_factory("wide", mtp=True, **KQ_WIDE)
+    ir = tmp_path_factory.mktemp("kquant") / "ir"
+    convert(str(src), ir)
+    return ir
+
+
+@pytest.mark.parametrize("recipe", [RECIPES_BUILTIN[r] for r in ("q4_k_m", "q5_k_m", "q6_k")] + ROTATIONS,
+                         ids=lambda r: r.name)
+def test_integer_block_schemes_run_in_ort(kquant_ir, recipe, tmp_path):
+    """Every integer block scheme as embedding (GatherBlockQuantized, and the tied lm_head as MatMulNBits), linear
+    (MatMulNBits bits 4/8 + offset term) and experts (QMoE int4_sym or MoE on DequantizeLinear), fc1 and fc2 apart."""
+    quantize_graph(Graph.load(kquant_ir), recipe, tmp_path / "q")
+    onnx_dir = export_onnx(tmp_path / "q", tmp_path / "onnx")
+    nodes = {n.name: n.op_type for n in onnx.load(onnx_dir / MODEL_FILE, load_external_data=False).graph.node}
+    assert nodes["/embed/GatherBlockQuantized"] == "GatherBlockQuantized"
+    assert nodes["/embed/MatMulNBits"] == "MatMulNBits"  # the tied lm_head on the embedding's codes
+    check_ort_matches_torch(tmp_path / "q", onnx_dir, mtp=True)
 
 
 # ---- MTP draft graph ----------------------------------------------------------------------------------------

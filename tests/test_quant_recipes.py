@@ -383,3 +383,19 @@ def test_quantize_function_is_not_shadowed_by_a_submodule():
     from nextq.quant import quantize
 
     assert callable(quantize) and quantize.__module__ == "nextq.quant.schemes"
+
+
+def test_recipe_target_matrix(ir):
+    """`nextq recipes --targets`: every built-in exports to ONNX (on the 80B's shapes and on rows of 64, where the
+    K-quant recipes fall back to Q5_0 / Q5_1 / Q8_0); every empty cell comes with its reason."""
+    from nextq.quant.cli import TARGETS, target_cell
+    from nextq.quant.recipes import qwen3_next_80b
+
+    for config in (qwen3_next_80b(), Graph.load(ir).config):
+        for name, recipe in RECIPES.items():
+            plan, reasons = plan_schemes(recipe, config), {}
+            assert target_cell(plan, "onnx", reasons) == "yes", (name, reasons)
+            cells = [target_cell(plan, t, reasons) for t in TARGETS]
+            assert all(c == "yes" or reasons for c in cells) and all(len(why) > 10 for why in reasons.values())
+    res = CliRunner().invoke(main, ["recipes", "--targets"])
+    assert res.exit_code == 0 and "no K-quant GEMM kernel" in res.output

@@ -24,6 +24,7 @@ from nextq.quant import (
     to_gguf_q8_0_blocks,
     unpack_int4,
 )
+from nextq.quant.affine import AFFINE_VIEWS, affine_blocks
 
 GROUPS = (32, 64, 128)
 # (N, K): single row, non-power-of-two N, K a multiple of 32 but not of 128, K a multiple of 128 but not a power of 2
@@ -413,3 +414,16 @@ def test_row_blocked_quantization_equals_one_pass(scheme, monkeypatch):
     assert blocked.shape == whole.shape and blocked.meta() == whole.meta()
     for a, b in ((blocked.data, whole.data), (blocked.scales, whole.scales), (blocked.zero_points, whole.zero_points)):
         assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+
+
+@pytest.mark.parametrize("scheme", sorted(AFFINE_VIEWS))
+def test_affine_block_view_dequantizes_bit_exactly(scheme: str) -> None:
+    """The integer block form the ONNX exporter emits ((q - zero) * scale + offset, quant/affine.py) gives the
+    scheme's own float32 dequantization bit for bit, on awkward values (zero blocks, an outlier, tiny blocks)."""
+    w = torch.randn(6, 512, generator=torch.Generator().manual_seed(5)) * 0.05
+    w[0, :40], w[1, 3], w[2, 256:300] = 0.0, 2.0, -0.01
+    qt = quantize(w, scheme)
+    view = affine_blocks(qt)
+    assert view.codes.dtype == torch.uint8 and int(view.codes.max()) < 1 << view.bits
+    assert torch.equal(view.dequantize(), qt.dequantize())  # exact: same codes, same float32 factors, same ops
+    assert torch.equal(view.reblock(16).dequantize(), qt.dequantize())  # finer blocks: scales repeated, exact
