@@ -37,15 +37,15 @@ def _conv_kernel(
     if i_t == 0:  # new state = xs[T : T + K - 1]; only these programs read the state (rows t < K - 1)
         ri = tl.arange(0, BS)
         ms = (ri < KW - 1)[:, None] & mc[None, :]
-        for j in range(T if STEPS else 1):  # slot j: the state after token j (steps), else the last one
-            m = (j + 1 if STEPS else T) + ri  # index into xs
+        for js in range(T if STEPS else 1):  # slot js: the state after token js (steps), else the last one
+            m = (js + 1 if STEPS else T) + ri  # index into xs
             from_x = m >= KW - 1
             xk = tl.load(x + b * sx_b + (m - (KW - 1))[:, None] * sx_t + rc[None, :], mask=ms & from_x[:, None],
                          other=0.0)
             sk = tl.load(s_in + (b * C + rc[None, :]) * (KW - 1) + m[:, None], mask=ms & ~from_x[:, None], other=0.0)
             new = tl.where(from_x[:, None], xk.to(tl.float32), sk.to(tl.float32))
             tl.debug_barrier()  # in place (state_out is state): all reads before the first write
-            tl.store(s_out + j * s_step + (b * C + rc[None, :]) * (KW - 1) + ri[:, None],
+            tl.store(s_out + js * s_step + (b * C + rc[None, :]) * (KW - 1) + ri[:, None],
                      new.to(s_out.dtype.element_ty), mask=ms)
 
 
