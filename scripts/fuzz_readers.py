@@ -1,15 +1,18 @@
 """Seeded mutation fuzzer for nextq's readers: every mutant must end in a clean nextq error or read fine.
 
-    python scripts/fuzz_readers.py --n 10000 [--readers gguf,ir,ir-quant,hf,report,recipe] [--seed 0]
-                                   [--workers 2] [--budget-s S] [--work DIR]
+    python scripts/fuzz_readers.py --n 10000 [--readers gguf,ir,ir-quant,hf,report,recipe,onnx] [--seed 0]
+                                   [--workers 2] [--budget-s S] [--work DIR] [--json FILE]
 
-Seeds, built from the embedded model: its Hugging Face checkpoint (hf), the converted IR (ir), the IR quantized
-with `nextq quantize --recipe int4 --no-calibrate` (ir-quant), its GGUF export (gguf, Q4_0 experts), a validation
-report and a recipe TOML. Mutants: byte flips and boundary values (0, 1, 2^31 - 1, 2^32 - 1, 2^63, 2^64 - 1 ...)
-in the first 64 KiB of the binary files, truncations; JSON documents (graph.json, config.json, index.json, the
-report) with keys dropped, types changed, huge shapes, names pointing outside the directory (absolute, `../`,
-a symlink); TOML with values retyped, lines dropped, bytes flipped. Each mutant is read in a worker process:
-IR and HF graphs load every tensor (quantized ones are dequantized), GGUF imports whole.
+Seeds, built locally from the embedded model (no network: the Hub is never asked): its Hugging Face checkpoint
+(hf), the converted IR (ir), the IR quantized with `nextq quantize --recipe int4 --no-calibrate` (ir-quant), its
+GGUF export (gguf, Q4_0 experts), the float IR's ONNX export (onnx), a validation report and a recipe TOML.
+Mutants: byte flips and boundary values (0, 1, 2^31 - 1, 2^32 - 1, 2^63, 2^64 - 1 ...) in the first 64 KiB of the
+binary files, truncations; JSON documents (graph.json, config.json, index.json, the report) with keys dropped,
+types changed, huge shapes, names pointing outside the directory (absolute, `../`, a symlink); TOML with values
+retyped, lines dropped, bytes flipped; the ONNX model's external-data entries (location, offset, length) pointed
+outside or past the end, its data file symlinked out or truncated. Each mutant is read in a worker process: IR and
+HF graphs load every tensor (quantized ones are dequantized), GGUF imports whole, an ONNX directory goes through
+the check `nextq run` applies before ONNX Runtime sees it (the session itself is ONNX Runtime's, not fuzzed here).
 
 Outcomes: clean (a nextq error), accepted (read fine), raw (any other exception: a bug), escape (the reader opened
 or listed a path outside the mutant's directory, seen by an audit hook on open / listdir / scandir / glob /
@@ -17,6 +20,11 @@ copyfile, with symlinks resolved), hang (more than --timeout-s of the worker's C
 does not count, or 12x that in wall time for a reader blocked without CPU; the worker is killed). A worker may not
 allocate more than --max-alloc-gib above its start (RLIMIT_AS): a header claiming 2^40 elements that reached an
 allocation would be a MemoryError, a raw outcome. Exit status 1 if any mutant is raw, escape or hang.
+
+Workers run single-threaded (OMP / MKL / OpenBLAS threads = 1, offline Hub flags set), so `--workers` may be the
+machine's cores minus one or two; each holds ~0.5 GiB resident (the peak is printed) and at most --max-alloc-gib
+more. The closing table gives per reader: mutants, the outcomes, and mutants per second per worker (mutants over
+the workers' busy time on that reader).
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 OUTCOMES = ("clean", "accepted", "raw", "escape", "hang")
+# a worker is one thread (the parallelism is the workers) and never asks the Hub
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+              "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 WALL_FACTOR = 12  # a mutant blocked (no CPU used) for this many times --timeout-s of wall time is a hang too
 POLL_S = 0.2
 PROGRESS_S = 120  # a line of counts so far (clean/accepted/raw/escape/hang per reader) on stderr
@@ -154,11 +165,12 @@ def build_seeds(work: Path) -> dict[str, Path]:
 
     seeds = work / "seeds"
     out = {"hf": embedded_model(), "ir": seeds / "ir", "ir-quant": seeds / "ir-quant", "gguf": seeds / "model.gguf",
-           "report": seeds / "report.json", "recipe": seeds / "recipe.toml"}
+           "onnx": seeds / "onnx", "report": seeds / "report.json", "recipe": seeds / "recipe.toml"}
     steps = [(out["ir"], ["convert", str(out["hf"]), "-o", str(out["ir"])]),
              (out["ir-quant"], ["quantize", str(out["ir"]), "-o", str(out["ir-quant"]), "--recipe", "int4",
                                 "--no-calibrate"]),
-             (out["gguf"], ["export", "gguf", str(out["ir-quant"]), "-o", str(out["gguf"])])]
+             (out["gguf"], ["export", "gguf", str(out["ir-quant"]), "-o", str(out["gguf"])]),
+             (out["onnx"], ["export", "onnx", str(out["ir"]), "-o", str(out["onnx"])])]
     for target, argv in steps:
         if not target.exists():
             main(argv, standalone_mode=False)
@@ -206,6 +218,25 @@ def _copy_dir(src: Path, dst: Path) -> None:
                 shutil.copyfile(p, dst / p.name)
 
 
+def mutate_onnx(model: bytes, rng: random.Random) -> bytes:
+    """One external-data entry of one tensor (location, offset or length) pointed outside the directory, past the
+    end of its file or retyped, dropped, or the tensor's data_location flipped."""
+    import onnx
+
+    m = onnx.load_model_from_string(model)
+    t = rng.choice([t for t in m.graph.initializer if t.external_data])
+    kind = rng.choice(("value", "value", "value", "drop", "location"))
+    if kind == "location":
+        t.data_location = onnx.TensorProto.DEFAULT  # the data is then read as inline: empty
+    elif kind == "drop":
+        del t.external_data[rng.randrange(len(t.external_data))]
+    else:
+        e = rng.choice(list(t.external_data))
+        odd = ("", ".", "-1", "1e3", "0x10", " 1", str(2**63), str(2**64), "9" * 40, "model.onnx", "missing.data")
+        e.value = rng.choice(OUTSIDE_NAMES + odd if e.key == "location" else odd + (str(2**24), str(2**31)))
+    return m.SerializeToString()
+
+
 def _replace(path: Path, data: bytes) -> None:
     path.unlink(missing_ok=True)
     path.write_bytes(data)
@@ -236,6 +267,21 @@ def make_mutant(reader: str, seeds: dict[str, Path], slot: Path, rng: random.Ran
         return out
     d = slot / "model"
     _copy_dir(seeds[reader], d)
+    if reader == "onnx":
+        kind = rng.choice(("entry", "entry", "entry", "bytes", "symlink", "truncate"))
+        model, data = d / "model.onnx", d / "model.onnx.data"
+        if kind == "entry":
+            _replace(model, mutate_onnx(model.read_bytes(), rng))
+        elif kind == "bytes":
+            _replace(model, mutate_bytes(model.read_bytes(), rng))
+        elif kind == "symlink":
+            link = rng.choice((model, data))
+            link.unlink()
+            link.symlink_to(rng.choice((bait, Path("/etc/hostname"), Path("../model/model.onnx.data"))))
+        else:
+            with open(data, "rb") as f:  # a copy, never through the hard link to the seed
+                _replace(data, f.read(rng.randrange(data.stat().st_size)))
+        return d
     shard = sorted(d.glob("*.safetensors"))[0]
     doc_name = "graph.json" if reader != "hf" else rng.choice(("config.json", "model.safetensors.index.json"))
     kind = rng.choice(("doc", "doc", "shard", "symlink"))
@@ -295,6 +341,12 @@ def _read_recipe(path: str) -> None:
     load_recipe_file(Path(path))
 
 
+def _read_onnx(path: str) -> None:
+    from nextq.runtime.backends import check_onnx_input
+
+    check_onnx_input(Path(path))
+
+
 def _open_outside(path: str) -> None:
     """The harness's own check: a reader that opens a file outside its directory must be seen as an escape."""
     open(Path(path).parent.parent / "outside.safetensors", "rb").close()
@@ -307,24 +359,25 @@ def _raise(path: str) -> None:
 
 READERS: dict[str, Callable[[str], None]] = {
     "gguf": _read_graph, "ir": _read_graph, "ir-quant": _read_graph, "hf": _read_hf, "report": _read_report,
-    "recipe": _read_recipe,
+    "recipe": _read_recipe, "onnx": _read_onnx,
 }
 SELF_CHECKS: dict[str, tuple[Callable[[str], None], str]] = {"self-escape": (_open_outside, "escape"),
                                                               "self-raw": (_raise, "raw")}
 AUDITED = {"open", "os.listdir", "os.scandir", "glob.glob", "shutil.copyfile", "os.readlink"}
 
 
-def worker(max_alloc_gib: float, warm: list[str]) -> None:
-    """Read mutants named on stdin (one JSON line each), answer one JSON line each on stdout. Each seed in `warm`
-    ("reader=path") is read once first, so that lazy imports and first-call costs do not count as a hang."""
+def worker(max_alloc_gib: float, seeds_file: str, warm: list[str]) -> None:
+    """Make and read the mutants described on stdin (one JSON line each: reader, mutant kind, rng seed, slot), answer
+    one JSON line each on stdout; mutants are made here, so the driver never serialises the workers. Each reader in
+    `warm` reads its seed once first, so that lazy imports and first-call costs do not count as a hang."""
     import resource
     import traceback
 
     from nextq.errors import NextqError
 
-    for spec in warm:
-        reader, path = spec.split("=", 1)
-        READERS[reader](path)
+    seeds = {k: Path(v) for k, v in json.loads(Path(seeds_file).read_text()).items()}
+    for reader in warm:
+        READERS[reader](str(seeds[reader]))
     state: dict[str, Any] = {"root": None, "escapes": []}
     allowed = tuple(os.path.realpath(p) + os.sep for p in {
         sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.__file__), "/proc", "/sys", "/dev",
@@ -344,9 +397,11 @@ def worker(max_alloc_gib: float, warm: list[str]) -> None:
     print(json.dumps({"ready": True}), flush=True)  # imports done: the driver's clock starts with the first mutant
     for line in sys.stdin:
         job = json.loads(line)
-        state["root"], state["escapes"] = os.path.realpath(job["root"]) + os.sep, []
+        path = make_mutant(job["mutant"], seeds, Path(job["slot"]), random.Random(job["rng"]))
+        root = path if path.is_dir() else path.parent
+        state["root"], state["escapes"] = os.path.realpath(root) + os.sep, []
         try:
-            (READERS.get(job["reader"]) or SELF_CHECKS[job["reader"]][0])(job["path"])
+            (READERS.get(job["reader"]) or SELF_CHECKS[job["reader"]][0])(str(path))
             outcome, detail = "accepted", ""
         except NextqError as e:
             outcome, detail = "clean", str(e)[:300]
@@ -356,7 +411,8 @@ def worker(max_alloc_gib: float, warm: list[str]) -> None:
         state["root"] = None
         if state["escapes"]:
             outcome, detail = "escape", "; ".join(state["escapes"][:3])
-        print(json.dumps({"outcome": outcome, "detail": detail}), flush=True)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        print(json.dumps({"outcome": outcome, "detail": detail, "peak_rss": rss}), flush=True)
 
 
 # ---- the driver -----------------------------------------------------------------------------------------------
@@ -365,16 +421,16 @@ def worker(max_alloc_gib: float, warm: list[str]) -> None:
 class Worker:
     """One worker process with its mutant slot; restarted after a hang."""
 
-    def __init__(self, slot: Path, args: argparse.Namespace, warm: dict[str, Path]):
-        self.slot, self.args, self.warm = slot, args, warm
+    def __init__(self, slot: Path, args: argparse.Namespace, seeds_file: Path, warm: list[str]):
+        self.slot, self.args, self.seeds_file, self.warm = slot, args, seeds_file, warm
         self.tmp = slot.parent / f"{slot.name}-tmp"
         self.start()
 
     def start(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TMPDIR": str(self.tmp)}
+        env = {**os.environ, **WORKER_ENV, "TMPDIR": str(self.tmp)}
         cmd = [sys.executable, __file__, "--worker", "--max-alloc-gib", str(self.args.max_alloc_gib),
-               *(f"--warm={r}={p}" for r, p in self.warm.items())]
+               "--seeds", str(self.seeds_file), *(f"--warm={r}" for r in self.warm)]
         for attempt in range(3):  # a long run outlives edits to the tree: a worker may start mid-edit, retry
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             if self.proc.stdout.readline():
@@ -399,9 +455,10 @@ class Worker:
             return f"no answer in {wall:.0f} s of wall time ({cpu:.1f} s CPU): blocked"
         return None
 
-    def submit(self, job: dict[str, Any]) -> None:
-        self.job, self.t0, self.cpu0 = job, time.monotonic(), self.cpu_s()
-        self.proc.stdin.write(json.dumps({k: str(v) for k, v in job.items() if k in ("reader", "path", "root")})
+    def submit(self, reader: str, i: int, mutant: str, rng: str) -> None:
+        """Have the worker write mutant `mutant` (a reader's kind) of `rng` into its slot and read it as `reader`."""
+        self.job, self.t0, self.cpu0 = {"reader": reader, "i": i}, time.monotonic(), self.cpu_s()
+        self.proc.stdin.write(json.dumps({"reader": reader, "mutant": mutant, "rng": rng, "slot": str(self.slot)})
                               + "\n")
         self.proc.stdin.flush()
 
@@ -432,9 +489,12 @@ def run(args: argparse.Namespace, n_per_reader: dict[str, int] | None = None) ->
     # interleaved: a time budget cuts every reader alike
     jobs = ((i, r) for i in range(max(n_of.values())) for r in readers if i < n_of[r])
     counts: dict[str, Counter] = {r: Counter() for r in readers}
+    busy_s: Counter = Counter()  # reader -> worker seconds spent on its mutants (making one + reading it)
+    peak_rss = 0
     examples: dict[tuple[str, str], str] = {}
-    warm = {r: seeds[r] for r in readers}
-    workers = [Worker(work / "m" / f"w{i}" / "slot", args, warm) for i in range(args.workers)]
+    seeds_file = work / "seeds.json"
+    seeds_file.write_text(json.dumps({k: str(v) for k, v in seeds.items()}))
+    workers = [Worker(work / "m" / f"w{i}" / "slot", args, seeds_file, readers) for i in range(args.workers)]
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     done = False
     t_start = time.monotonic()
@@ -449,13 +509,10 @@ def run(args: argparse.Namespace, n_per_reader: dict[str, int] | None = None) ->
         except StopIteration:
             done = True
             return
-        rng = random.Random(f"{args.seed}:{r}:{i}")
-        path = make_mutant(r, seeds, w.slot, rng)
-        w.submit({"reader": r, "path": path, "root": path if path.is_dir() else path.parent, "i": i})
+        w.submit(r, i, r, f"{args.seed}:{r}:{i}")
 
     for name, (_, expect) in SELF_CHECKS.items():  # the detectors work, or nothing below means anything
-        path = make_mutant("recipe", seeds, workers[0].slot, random.Random(0))
-        workers[0].submit({"reader": name, "path": path, "root": path.parent, "i": -1})
+        workers[0].submit(name, -1, "recipe", "0")
         got = workers[0].result()
         workers[0].job = None
         if got["outcome"] != expect:
@@ -480,6 +537,8 @@ def run(args: argparse.Namespace, n_per_reader: dict[str, int] | None = None) ->
             else:
                 continue
             r = job["reader"]
+            busy_s[r] += time.monotonic() - w.t0
+            peak_rss = max(peak_rss, res.get("peak_rss", 0))
             counts[r][res["outcome"]] += 1
             examples.setdefault((r, res["outcome"]), f"#{job['i']}: {res['detail']}")
             if res["outcome"] in ("raw", "escape", "hang"):
@@ -493,17 +552,28 @@ def run(args: argparse.Namespace, n_per_reader: dict[str, int] | None = None) ->
         w.proc.stdin.close()
         w.proc.wait()
     wall = time.monotonic() - t_start
-    print(f"{'reader':<10}" + "".join(f"{o:>10}" for o in OUTCOMES) + f"{'n':>8}")
-    for r, c in counts.items():
-        print(f"{r:<10}" + "".join(f"{c[o]:>10}" for o in OUTCOMES) + f"{sum(c.values()):>8}")
-    print(f"seed {args.seed}, {args.workers} workers, {wall:.0f} s wall")
+    rates = {r: sum(c.values()) / busy_s[r] if busy_s[r] else 0.0 for r, c in counts.items()}
+    print_table(counts, rates)
+    print(f"seed {args.seed}, {args.workers} workers, {wall:.0f} s wall, "
+          f"worker peak RSS {peak_rss / 2**20:.0f} MiB")
     for (r, o), ex in sorted(examples.items()):
         print(f"  e.g. {r} {o}: {ex[:240]}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"counts": counts, "wall_s": wall, "seed": args.seed,
-                                               "examples": {f"{r} {o}": e for (r, o), e in examples.items()}},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({
+            "counts": counts, "mutants_per_s_per_worker": rates, "wall_s": wall, "seed": args.seed,
+            "workers": args.workers, "worker_peak_rss_bytes": peak_rss,
+            "examples": {f"{r} {o}": e for (r, o), e in examples.items()}}, indent=1))
     return counts
+
+
+def print_table(counts: dict[str, Counter], rates: dict[str, float]) -> None:
+    """reader | mutants | clean | accepted | raw | escape | hang | mutants/s per worker, as a Markdown table."""
+    head = ("reader", "mutants", *OUTCOMES, "mutants/s/worker")
+    rows = [(r, sum(c.values()), *(c[o] for o in OUTCOMES), f"{rates[r]:.2f}") for r, c in counts.items()]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for row in (head, ["-" * w for w in widths], *rows):
+        print("| " + " | ".join(f"{x!s:<{w}}" if i == 0 else f"{x!s:>{w}}" for i, (x, w) in
+                                enumerate(zip(row, widths))) + " |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -519,13 +589,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", help="write the counts and examples here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--warm", action="append", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        worker(args.max_alloc_gib, args.warm)
+        worker(args.max_alloc_gib, args.seeds, args.warm)
         return 0
     counts = run(args)
     bad = sum(c[o] for c in counts.values() for o in ("raw", "escape", "hang"))
