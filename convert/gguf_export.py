@@ -106,12 +106,15 @@ class GGUFOptions:
 
     type: str = "auto"  # dense weights: auto or one of GGML_TYPES
     requantize: str | None = None  # force quantized IR weights to this GGUF type (measured error printed)
+    # quantized IR weights of a scheme with neither a GGUF type nor a nearest one (fp8) -> this type; others as usual
+    fallback: str | None = None
 
     def __post_init__(self):
         if self.type not in ("auto", *GGML_TYPES):
             raise UnsupportedModelError(f"--type {self.type!r}: supported: auto, {', '.join(GGML_TYPES)}")
-        if self.requantize is not None and self.requantize not in GGML_TYPES:
-            raise UnsupportedModelError(f"--requantize {self.requantize!r}: supported: {', '.join(GGML_TYPES)}")
+        for opt, v in (("--requantize", self.requantize), ("fallback", self.fallback)):
+            if v is not None and v not in GGML_TYPES:
+                raise UnsupportedModelError(f"{opt} {v!r}: supported: {', '.join(GGML_TYPES)}")
 
 
 def describe(t: Any) -> tuple[str, str]:
@@ -139,6 +142,8 @@ def source_type(name: str, kind: tuple[str, str], opts: GGUFOptions) -> str:
         return opts.requantize
     if x in NEAREST:
         return NEAREST[x]
+    if x in SCHEMES and opts.fallback is not None:
+        return opts.fallback
     if x in SCHEMES:
         raise UnsupportedModelError(
             f"{name}: scheme {x}: {SCHEMES[x].why_not('gguf')}; re-export with --requantize q8_0 "

@@ -72,6 +72,31 @@ def disk_size(path: Path, weights_only: bool = False) -> int:
     return sum(p.stat().st_size for p in files if not weights_only or p.name.endswith(WEIGHT_SUFFIXES))
 
 
+# GGUF has no fp8 type: the schemes with neither a GGUF type nor a nearest one (the fp8 tiles an FP8 source keeps
+# where the recipe says "keep", or the fp8 recipe's blocks) are written as Q8_0, the GGUF type nearest to fp8 in
+# size (8.5 bits/weight, as `nextq export gguf --requantize q8_0`); the exporter prints their measured extra error,
+# and the GGUF row and step say which type they became. Every other tensor keeps its type.
+GGUF_FALLBACK = "q8_0"
+
+
+def gguf_options(graph: Graph) -> tuple[dict, str]:
+    """The GGUF writer's keyword arguments for `graph` in the pipeline, and a note naming what became which type."""
+    from collections import Counter
+
+    from .convert.gguf_export import NATIVE, NEAREST, GGUFOptions, describe
+
+    unmapped = Counter(x for what, x in map(describe, graph.tensors.values())
+                       if what == "quant" and x not in NATIVE and x not in NEAREST)
+    if not unmapped:
+        return {}, ""
+    held = ", ".join(f"{n} {x}" for x, n in sorted(unmapped.items()))
+    return ({"opts": GGUFOptions(fallback=GGUF_FALLBACK)},
+            f"{held} tensors written as {GGUF_FALLBACK.upper()} (GGUF has no fp8 type)")
+
+
+EXPORT_OPTIONS = {"gguf": gguf_options}  # format -> (quantized graph -> its writer's kwargs, a note)
+
+
 def quantize_ir(graph: Graph, recipe: str, out: Path, *, calib_tokens: int = 8192, device: str = "cpu",
                 tokenizer_dir: Path | None = None) -> dict:
     """The recipe API of nextq.quant, calibrated as `nextq quantize` is by default (GPTQ on `calib_tokens` tokens of
@@ -238,9 +263,12 @@ def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", form
             step.note = f"recipe {recipe}, " + (f"{qreport['calibration']['calibration_tokens']} calibration tokens"
                                                 if qreport.get("calibration") else "round to nearest")
         qgraph = Graph.load(tmp / "quantized")
+        export_notes: dict[str, str] = {}
         for fmt, export in exporters.items():
-            with log.step(f"export {fmt}"):
-                export(qgraph, tmp / EXPORTERS[fmt].artifact)
+            with log.step(f"export {fmt}") as step:
+                kwargs, step.note = EXPORT_OPTIONS.get(fmt, lambda g: ({}, ""))(qgraph)
+                export(qgraph, tmp / EXPORTERS[fmt].artifact, **kwargs)
+                export_notes[fmt] = step.note
 
         (tmp / "reports").mkdir()
         ids = tok = None
@@ -264,7 +292,8 @@ def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", form
                          "ppl_increase": m.get("ppl_increase"), "kld_mean": m.get("kld_mean"),
                          "top1": m.get("top1"), "tokens_per_s": speed,
                          "passed": doc["passed"] if doc else None, "text": text,
-                         "worst_layer": ((doc or {}).get("layers") or {}).get("worst_layer"), "note": note})
+                         "worst_layer": ((doc or {}).get("layers") or {}).get("worst_layer"),
+                         "note": "; ".join(x for x in (export_notes.get(fmt), note) if x)})
 
         def report(fmt: str, doc: dict, path: Path) -> dict:
             doc["candidate"]["path"] = str(output / path.relative_to(tmp))

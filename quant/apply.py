@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from nextq.console import console
 from nextq.errors import CheckpointError, NextqError
 from nextq.graph import Graph, QuantRef, SourceTensor
 
@@ -162,13 +163,9 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
     """
     if method not in calibrate.QUANTIZERS:
         raise NextqError(f"calibration method: unknown {method!r}; supported: {', '.join(calibrate.QUANTIZERS)}")
-    already = next((n for n, t in graph.tensors.items() if held_scheme(t) not in (None, *SOURCE_SCHEMES)), None)
-    if already is not None:
-        raise CheckpointError(f"{already}: the input IR is already quantized ({held_scheme(graph.tensors[already])});"
-                              " quantize from a float IR (or one read from an FP8 checkpoint: "
-                              f"{', '.join(SOURCE_SCHEMES)})")
     shapes = {n: tuple(t.shape) for n, t in graph.tensors.items()}
     plan = plan_schemes(recipe, graph.config, shapes)
+    check_quantized_input(graph, plan)
     names = stats.order() if stats is not None else list(graph.tensors)
     order = list(order) if order is not None else names
     if sorted(order) != sorted(names):
@@ -223,6 +220,34 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
         if stats is not None:
             stats.end()
         pre.close()
+
+
+def check_quantized_input(graph: Graph, plan: dict[str, PlanEntry]) -> None:
+    """What a recipe does to tensors the input already holds quantized. An FP8 checkpoint's are a source (kept or
+    quantized from their exact dequantization). nextq's own quantized IR is refused: its float IR is the better
+    input. A graph read from a pre-quantized checkpoint (compressed-tensors, GPTQ), whose float weights may exist
+    nowhere, is quantized from the exact dequantization of its codes (v * s in float32) where the recipe asks for
+    another scheme, with a warning that the errors add up; tensors the recipe keeps are copied as stored."""
+    held = {n: s for n, s in ((n, held_scheme(t)) for n, t in graph.tensors.items())
+            if s not in (None, *SOURCE_SCHEMES)}
+    if not held:
+        return
+    first = next(iter(held))
+    if "quantization" in graph.provenance:
+        raise CheckpointError(
+            f"{first}: the input IR is already quantized ({held[first]}, by nextq quantize); quantize the IR or "
+            f"checkpoint it was made from (source: {str(graph.provenance.get('source', '?'))[:200]}) instead, or "
+            "export this one as it is")
+    redo = defaultdict(int)
+    for n, s in held.items():
+        if not (plan[n].scheme == KEEP or keeps_source(s, plan[n].scheme)):
+            redo[f"{s} -> {plan[n].scheme}"] += 1
+    if redo:
+        console.print(f"[yellow]warning:[/] re-quantizing {sum(redo.values())} of the {len(held)} tensors "
+                      f"{str(graph.provenance.get('source', 'the input'))[:200]} holds quantized, from the exact "
+                      f"dequantization of their codes ({', '.join(f'{n} {k}' for k, n in sorted(redo.items()))}): "
+                      "their error adds to the checkpoint's; quantize from the float checkpoint where there is one",
+                      soft_wrap=True)
 
 
 def held_scheme(t: Any) -> str | None:
