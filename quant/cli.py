@@ -131,8 +131,12 @@ def recipes_cmd(model, targets):
         for name, plan in plans.items():
             table.add_row(name, *[target_cell(plan, t, reasons) for t in TARGETS])
         out.print(table)
+        keys: dict[str, list[str]] = {}  # one line per reason, naming every scheme it applies to
         for key, why in sorted(reasons.items()):
-            out.print(f"[bold]{key}[/]: {why}")
+            keys.setdefault(why, []).append(key)
+        for why, ks in keys.items():
+            target = ks[0].split(" ")[0]
+            out.print(f"[bold]{target} {', '.join(k.removeprefix(target + ' ') for k in ks)}[/]: {why}")
         return
     table = Table(title="built-in recipes (schemes per tensor class, nominal bits per weight; keep = as stored)")
     table.add_column("tensor class")
@@ -181,14 +185,31 @@ def target_problem(cls: str, scheme: str, target: str) -> str | None:
     return None
 
 
+def target_note(cls: str, scheme: str, target: str) -> str | None:
+    """How a tensor that can go to `target` goes when it is not as stored (GPU experts dequantized at load), or None."""
+    from .schemes import GPU_NOTES, SCHEMES
+
+    if target != "gpu" or cls != "experts" or scheme not in SCHEMES:
+        return None
+    return GPU_NOTES.get(SCHEMES[scheme].gpu)
+
+
 def target_cell(plan: dict, target: str, reasons: dict[str, str]) -> str:
-    """One cell of the recipe x target matrix: "yes", or each scheme that cannot go with its tensor classes; the
-    reasons are collected in `reasons` ("target scheme" -> why)."""
+    """One cell of the recipe x target matrix: "yes" (with the schemes that go another way than as stored, e.g.
+    "yes; dequantized at load: q4_k (experts)"), or each scheme that cannot go with its tensor classes; the reasons
+    and notes are collected in `reasons` ("target scheme" -> why)."""
     bad: dict[str, set[str]] = {}
-    for e in plan.values():
-        why = target_problem(e.cls, e.scheme, target)
+    noted: dict[str, set[str]] = {}
+    for cls, scheme in sorted({(e.cls, e.scheme) for e in plan.values()}):
+        why = target_problem(cls, scheme, target)
         if why is not None:
-            key = f"{target} {e.scheme}" + (" (embed)" if e.cls == "embed" and target == "onnx" else "")
+            key = f"{target} {scheme}" + (" (embed)" if cls == "embed" and target == "onnx" else "")
             reasons[key] = why
-            bad.setdefault(key.removeprefix(f"{target} "), set()).add(e.cls)
-    return "yes" if not bad else "; ".join(f"{k}: {', '.join(sorted(c))}" for k, c in sorted(bad.items()))
+            bad.setdefault(key.removeprefix(f"{target} "), set()).add(cls)
+        elif (note := target_note(cls, scheme, target)) is not None:
+            reasons[f"{target} {scheme}"] = note
+            noted.setdefault(scheme, set()).add(cls)
+    if bad:
+        return "; ".join(f"{k}: {', '.join(sorted(c))}" for k, c in sorted(bad.items()))
+    return "yes" + ("; dequantized at load: " + ", ".join(f"{k} ({', '.join(sorted(c))})"
+                                                         for k, c in sorted(noted.items())) if noted else "")

@@ -46,7 +46,7 @@ class Scheme:
     gguf_nearest:   GGUF type it is re-quantized to otherwise (a printed, measured warning); None: refused
     onnx:           the op convert/onnx_export.py emits a linear of it with, or None (embeddings and experts: the
                     exporter's EMBED_FORMATS / EXPERT_FORMATS)
-    gpu:            runtime/gpu.py expert packer, or None
+    gpu:            runtime/gpu.py expert packer ("dequant": none, dequantized at load, GPU_NOTES), or None
     fallback:       llama.cpp's replacement when K is not a multiple of k_multiple (llama-quant.cpp), or None
     no_target:      target -> why that cell is impossible (for `nextq recipes --targets`)
     """
@@ -97,8 +97,11 @@ def dequantize_float(qt: QuantizedTensor) -> torch.Tensor:
 
 
 NO_FP8_GGUF = (("gguf", "GGUF has no fp8 type (export with --requantize q8_0 or bf16)"),)
-NO_KQ_GPU = (("gpu", "no K-quant GEMM kernel: the GPU backend runs int4_sym, fp8 and float experts"),)
-NO_INT8 = (("gpu", "no int8 GPU kernel"),)
+GPU_DEQUANT = "dequant"  # runtime/gpu.py: no packed kernel, experts dequantized to the compute dtype at load
+GPU_NOTES = {GPU_DEQUANT: "no packed GPU kernel (the MoE kernels take int4_sym, fp8 and float experts): these experts "
+                          "are dequantized exactly and cast to the compute dtype at load, 16 bits/weight on the device "
+                          "in bf16 (Qwen3-Next-80B's 79 G expert weights, MTP layer included: 147 GiB, more "
+                          "than one H200's 141 GB)"}
 BLOCKS_ONNX = "MatMulNBits"  # integer block schemes (quant/affine.py): MatMulNBits, GatherBlockQuantized, MoE
 
 
@@ -108,18 +111,16 @@ def _build() -> dict[str, Scheme]:
         sym, asym = partial(quantize_int4_sym, group_size=g), partial(quantize_int4_asym, group_size=g)
         q4 = dict(bits=4, layout="group", block=g, family="int4", k_multiple=g, calibratable=True)
         entries.append(Scheme(f"int4_sym_g{g}", sym, dequantize_int4_sym, 4 + 16 / g, symmetric=True,  # + fp16 d
-                              gguf="q4_0" if g == 32 else None, gguf_nearest="q4_0", onnx="MatMulNBits",
+                              gguf="q4_0" if g == 32 else None, gguf_nearest="q4_0", onnx=BLOCKS_ONNX,
                               gpu="int4_sym", **q4))
         entries.append(Scheme(f"int4_asym_g{g}", asym, dequantize_int4_asym, 4 + 32 / g, symmetric=False,  # d and m
                               gguf="q4_1" if g == 32 else None, gguf_nearest="q4_1",
-                              onnx=BLOCKS_ONNX,
-                              no_target=(("gpu", "the int4 GPU kernels take symmetric codes (no zero points)"),),
-                              **q4))
+                              onnx=BLOCKS_ONNX, gpu=GPU_DEQUANT, **q4))
     entries += [
         Scheme("int8_channel", quantize_int8_channel, dequantize_int8_channel, 8.0, 8, True, "row", None, "int8",
-               gguf_nearest="q8_0", onnx=BLOCKS_ONNX, no_target=NO_INT8),
+               gguf_nearest="q8_0", onnx=BLOCKS_ONNX, gpu=GPU_DEQUANT),
         Scheme("int8_g32", quantize_q8_0, dequantize_q8_0, 8 + 16 / 32, 8, True, "group", 32, "int8", k_multiple=32,
-               calibratable=True, gguf="q8_0", onnx=BLOCKS_ONNX, no_target=NO_INT8),
+               calibratable=True, gguf="q8_0", onnx=BLOCKS_ONNX, gpu=GPU_DEQUANT),
         Scheme("fp8_channel", quantize_fp8_channel, dequantize_fp8_channel, 8.0, 8, True, "row", None, "fp8",
                onnx="DequantizeLinear", gpu="fp8", no_target=NO_FP8_GGUF),
         Scheme("fp8_block128", quantize_fp8_block128, dequantize_fp8_tiles, 8 + 32 / (128 * 128), 8, True,
@@ -132,11 +133,11 @@ def _build() -> dict[str, Scheme]:
         entries.append(Scheme(kq.name, kq.quantize, kq.dequantize, kq.bits_per_weight, int(kq.qmax).bit_length(),
                               not kq.asymmetric, "superblock", QK_K, "kquant", k_multiple=QK_K, calibratable=True,
                               gguf=kq.name, fallback=fallbacks[kq.name], onnx=BLOCKS_ONNX,
-                              data_shape=kq.data_shape, no_target=NO_KQ_GPU))
+                              data_shape=kq.data_shape, gpu=GPU_DEQUANT))
     for bt in GGUF_BLOCK_TYPES.values():
         entries.append(Scheme(bt.name, bt.quantize, bt.dequantize, bt.bits_per_weight, 5, bt.name == "q5_0", "group",
                               32, "gguf", k_multiple=32, calibratable=True, gguf=bt.name, fallback="f16",
-                              data_shape=bt.data_shape, onnx=BLOCKS_ONNX, no_target=(("gpu", "no 5-bit GPU kernel"),)))
+                              data_shape=bt.data_shape, onnx=BLOCKS_ONNX, gpu=GPU_DEQUANT))
     for s, dtype in FLOAT_DTYPES.items():
         entries.append(Scheme(s, partial(quantize_float, scheme=s), dequantize_float, 8.0 * dtype.itemsize,
                               8 * dtype.itemsize, True, "none", None, "float", gguf=s, onnx="float", gpu="float"))

@@ -10,7 +10,8 @@ split-half RoPE, softmax -> top-k MoE with a sigmoid-gated shared expert); diffe
 - projections that read the same input are concatenated once at load (DeltaNet q|k|v|z|b|a, attention
   q|gate|k|v, router|shared_gate, shared gate|up): one GEMM/GEMV instead of four to six;
 - routed experts stay packed (int4_sym codes + fp16 scales, fp8 codes + fp32 scales, or float) and are
-  dequantized inside the MoE kernels (runtime/triton/moe_grouped.py); other quantized tensors are dequantized
+  dequantized inside the MoE kernels (runtime/triton/moe_grouped.py); experts of the other integer schemes
+  (int4 with zero points, int8, Q5, K-quants: no packed kernel) and the other quantized tensors are dequantized
   once at load to the compute dtype;
 - fused launches: residual add + RMSNorm (runtime/triton/norms.py); routing (softmax, top-k, the shared gate's
   sigmoid) in one kernel; in decode, the shared expert inside the routed experts' two GEMV kernels, the DeltaNet
@@ -86,7 +87,16 @@ def _pack_float(items: list, device, dtype):
     return float_experts(torch.stack([w.to(device, dtype) for w in ws]))
 
 
-EXPERT_PACKERS = {"int4_sym": _pack_int4, "fp8": _pack_fp8, "float": _pack_float}
+def _pack_dequantized(items: list, device, dtype):
+    """Integer block experts without a packed kernel (int4 with zero points, int8, Q5, K-quants): each expert
+    dequantized exactly (its scheme's own dequantize, float32) and cast to the compute dtype at load, then run by
+    the float expert kernels: 16 bits per weight on the device for bf16."""
+    from .triton.moe_fp8 import float_experts
+
+    return float_experts(torch.stack([q.dequantize().to(device, dtype) for q in items]))
+
+
+EXPERT_PACKERS = {"int4_sym": _pack_int4, "fp8": _pack_fp8, "float": _pack_float, "dequant": _pack_dequantized}
 
 
 def pack_experts(items: list, name: str, device, dtype):

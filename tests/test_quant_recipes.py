@@ -23,6 +23,7 @@ from nextq.graph import Graph
 from nextq.pipeline import embedded_model
 from nextq.quant import QuantizedTensor, dequantize, quantize, to_gguf_q4_0_blocks
 from nextq.quant import calibrate
+from nextq.quant.schemes import GPU_DEQUANT, SCHEMES
 from nextq.quant.apply import REPORT_JSON, REPORT_MD, quantize_graph
 from nextq.quant.recipes import (
     RECIPES,
@@ -398,4 +399,16 @@ def test_recipe_target_matrix(ir):
             cells = [target_cell(plan, t, reasons) for t in TARGETS]
             assert all(c == "yes" or reasons for c in cells) and all(len(why) > 10 for why in reasons.values())
     res = CliRunner().invoke(main, ["recipes", "--targets"])
-    assert res.exit_code == 0 and "no K-quant GEMM kernel" in res.output
+    assert res.exit_code == 0 and "no packed GPU kernel" in res.output
+
+
+@pytest.mark.parametrize("scheme", [s for s, e in SCHEMES.items() if e.gpu == GPU_DEQUANT])
+def test_gpu_packer_dequantizes_experts_without_a_kernel(scheme):
+    """runtime/gpu.py's packer for integer experts with no packed kernel: each expert's exact dequantization, cast
+    to the compute dtype, as float experts (the layout the float MoE kernels run; built on CPU here)."""
+    from nextq.runtime.gpu import pack_experts
+
+    experts = [quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(e)), scheme) for e in range(3)]
+    packed = pack_experts(experts, "layers.0.ffn.experts.*.down", "cpu", torch.bfloat16)
+    assert packed.fmt == "float" and packed.shape == (3, 64, 256)
+    assert torch.equal(packed.data, torch.stack([q.dequantize() for q in experts]).to(torch.bfloat16))
