@@ -427,19 +427,22 @@ class Worker:
         self.start()
 
     def start(self) -> None:
+        """Spawn the worker process; `wait_ready` waits for its warm-up (so that many workers warm up at once)."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **WORKER_ENV, "TMPDIR": str(self.tmp)}
         cmd = [sys.executable, __file__, "--worker", "--max-alloc-gib", str(self.args.max_alloc_gib),
                "--seeds", str(self.seeds_file), *(f"--warm={r}" for r in self.warm)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.job: dict[str, Any] | None = None
+
+    def wait_ready(self) -> None:
         for attempt in range(3):  # a long run outlives edits to the tree: a worker may start mid-edit, retry
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             if self.proc.stdout.readline():
-                break
+                return
             print(f"fuzz worker failed to start ({self.proc.wait()}), attempt {attempt + 1}", file=sys.stderr)
             time.sleep(30)
-        else:
-            raise RuntimeError("fuzz worker failed to start three times")
-        self.job: dict[str, Any] | None = None
+            self.start()
+        raise RuntimeError("fuzz worker failed to start three times")
 
     def cpu_s(self) -> float:
         """CPU seconds the worker has used (user + system, /proc/PID/stat)."""
@@ -474,6 +477,7 @@ class Worker:
         self.proc.kill()
         self.proc.wait()
         self.start()
+        self.wait_ready()
 
 
 def run(args: argparse.Namespace, n_per_reader: dict[str, int] | None = None) -> dict[str, Counter]:
@@ -495,6 +499,8 @@ def run(args: argparse.Namespace, n_per_reader: dict[str, int] | None = None) ->
     seeds_file = work / "seeds.json"
     seeds_file.write_text(json.dumps({k: str(v) for k, v in seeds.items()}))
     workers = [Worker(work / "m" / f"w{i}" / "slot", args, seeds_file, readers) for i in range(args.workers)]
+    for w in workers:
+        w.wait_ready()
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     done = False
     t_start = time.monotonic()
