@@ -85,6 +85,13 @@ def test_shard_outside_the_directory_is_refused(evil: Path, how: str):
     assert "error: " in one_error_line("inspect", evil)
 
 
+@pytest.mark.parametrize("name", [".", "./", "sub/.."])
+def test_shard_naming_the_directory_itself_is_a_clean_error(evil: Path, name: str):
+    edit_graph(evil, lambda doc: doc["tensors"]["embed.weight"].update(shard=name))
+    with pytest.raises(InputError):  # no path component: once a raw ValueError (max() of nothing)
+        Graph.load(evil).get("embed.weight")
+
+
 def test_symlink_inside_the_directory_is_fine(evil: Path):
     (evil / "sub").mkdir()
     (evil / "shard-00001.safetensors").rename(evil / "sub" / "real.safetensors")
