@@ -539,6 +539,9 @@ def onnx_external_data(model_path: str | Path) -> dict[str, Path]:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         where = f"{path}: tensor {t.name[:200]!r} external_data"
+        # protobuf hands a string field that is not UTF-8 back as bytes
+        need(all(isinstance(x, str) for e in t.external_data for x in (e.key, e.value)), where,
+             "an entry is not UTF-8 text")
         info = {e.key: e.value for e in t.external_data}
         need("location" in info, where, "no location")
         loc = info["location"]

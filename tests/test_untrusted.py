@@ -287,6 +287,7 @@ def set_external(model: Path, **entries: str) -> None:
     ("model symlink", r"model file 'model\.onnx' resolves to .*evil\.onnx, outside"),
     ("past the end", r"tensor 'w' external_data: bytes \[1000, 1256\) of 'model\.onnx\.data', which has 256"),
     ("not onnx", r"model\.onnx: not a valid ONNX model"),
+    ("not utf-8", r"tensor 'w' external_data: an entry is not UTF-8 text"),  # found by fuzz_readers, onnx #241
 ])
 def test_run_onnx_dir_leaving_its_directory_never_reaches_onnxruntime(tmp_path: Path, how: str, expect: str):
     from nextq.runtime.backends import check_onnx_input
@@ -305,6 +306,9 @@ def test_run_onnx_dir_leaving_its_directory_never_reaches_onnxruntime(tmp_path: 
         (d / "model.onnx").symlink_to(tmp_path / "evil.onnx")
     elif how == "past the end":
         set_external(d / "model.onnx", offset="1000")
+    elif how == "not utf-8":
+        set_external(d / "model.onnx", offset="7777")
+        (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes().replace(b"7777", b"77\xda7"))
     else:
         (d / "model.onnx").write_bytes(b"\xff" * 64)
     with pytest.raises(InputError, match=expect):
