@@ -9,8 +9,9 @@ mtp.fc, and each routed expert on exactly the tokens routed to it (X_e for gate/
 for down). Statistics are computed when the quantizer first asks for a weight of a layer (`hessian(name)`), and the
 stream only moves forward: one layer's statistics are held at a time, and a layer's experts are done in chunks of
 about `chunk_bytes` of Gram matrices (the layer's MoE input tokens and routing are kept, each chunk re-runs its
-experts on them), so at Qwen3-Next-80B's dimensions (512 experts, [2048, 2048] per expert) the statistics stay
-~1 GiB instead of 16 GiB per layer. The MTP head runs on the main model's final hidden states, so its experts get
+experts on them; with GPTQ each input's factor of H^-1 is kept beside its H, computed once for gate and up), so at
+Qwen3-Next-80B's dimensions (512 experts, [2048, 2048] per expert) the statistics stay ~1 GiB instead of 16 GiB per
+layer. The MTP head runs on the main model's final hidden states, so its experts get
 statistics too. The embedding is a lookup and is never calibrated (tied or not).
 
 Modes (`mode=`): "original" (default) -- statistics from the unquantized model's outputs; "sequential" -- layer
@@ -46,9 +47,9 @@ import torch
 from nextq.errors import CalibrationError
 from nextq.graph import Graph, expected_tensors
 from nextq.runtime.model import LayerMath, Observer, Weights
-from nextq.runtime.stream import LayerStream
+from nextq.runtime.stream import LayerStream, trim_heap
 
-from .gptq import QUANTIZERS, quantize_awmse, quantize_gptq, search_group_params  # noqa: F401 (re-exported)
+from .gptq import QUANTIZERS, gptq_factor, quantize_awmse, quantize_gptq, search_group_params  # noqa: F401
 from .schemes import SCHEMES, quantize
 from .tensor import QUANT_FIELDS, QuantizedTensor
 
@@ -69,7 +70,7 @@ class GramObserver(Observer):
 
     def __init__(self, wanted: Callable[[str], bool], capture_moe: bool = False):
         self.wanted, self.capture_moe = wanted, capture_moe
-        self.grams: dict[str, list] = {}  # name -> [tokens, H [K, K]]
+        self.grams: dict[str, list] = {}  # name -> [tokens, H [K, K]] (+ lock, GPTQ factor [K, K] once asked)
         self.moe: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.tokens = 0  # tokens that entered the observed layer functions (its first linear's input)
         self._last: tuple | None = None  # (input key, name, pinned input): detects a shared input
@@ -126,7 +127,7 @@ class CalibrationStats:
             self.stages.append(("mtp", self.stream.names(self.stream.mtp)))
         self.stage_of = {n: i for i, (_, names) in enumerate(self.stages) for n in names}
         h, i_dim = c.hidden_size, c.moe_intermediate_size
-        self.chunk = max(1, chunk_bytes // (4 * (h * h + i_dim * i_dim)))  # experts per chunk
+        self.chunk = max(1, chunk_bytes // (8 * (h * h + i_dim * i_dim)))  # experts per chunk: H + GPTQ factor
         self.expert_tokens: dict[str, torch.Tensor] = {}
         self.recorded: dict[str, torch.Tensor | QuantizedTensor] = {}
         self.cond = threading.Condition(threading.RLock())
@@ -243,13 +244,14 @@ class CalibrationStats:
                 math.w.clear()
             while len(self.chunks) >= 2:
                 self.chunks.pop(next(iter(self.chunks)))
+            trim_heap()  # the dropped chunk and what the workers freed since the last one
             self.chunks[(p, chunk)] = obs.grams
         return self.chunks[(p, chunk)]
 
     # -- what the quantizer asks -----------------------------------------------------------------------------
 
-    def hessian(self, name: str) -> tuple[int, torch.Tensor] | None:
-        """(tokens seen, H = sum x x^T [K, K] float32) for the input of weight `name`; None when not calibrated."""
+    def _entry(self, name: str) -> list | None:
+        """The [tokens, H, ...] accumulator of weight `name`'s input (shared by weights of one input)."""
         stage = self.stage_of.get(name)
         if stage is None or name not in self.wanted:
             return None
@@ -257,8 +259,25 @@ class CalibrationStats:
             self._advance_to(stage)
             m = EXPERT.fullmatch(name)
             grams = self._expert_chunk(m.group(1), int(m.group(2)) // self.chunk) if m else self.obs.grams
-            entry = grams.get(name)
-            return (int(entry[0]), entry[1]) if entry is not None else (0, None)
+            return grams.get(name, [0, None])
+
+    def hessian(self, name: str) -> tuple[int, torch.Tensor] | None:
+        """(tokens seen, H = sum x x^T [K, K] float32) for the input of weight `name`; None when not calibrated."""
+        entry = self._entry(name)
+        return None if entry is None else (int(entry[0]), entry[1])
+
+    def gptq_factor(self, name: str) -> torch.Tensor:
+        """quant/gptq.py `gptq_factor` of weight `name`'s Hessian, computed once per input: an expert's gate and up
+        share it (the worker that asks second waits for the first's)."""
+        entry = self._entry(name)
+        with self.cond:
+            if len(entry) == 2:
+                entry.append(threading.Lock())
+            lock = entry[2]
+        with lock:
+            if len(entry) == 3:
+                entry.append(gptq_factor(entry[1]))
+            return entry[3]
 
     def whole(self, name: str) -> bool:
         """Whether tensor `name` must be quantized whole (not in row blocks): the stream runs it."""
@@ -326,7 +345,10 @@ def quantize_calibrated(w: torch.Tensor, scheme: str, stats: CalibrationStats | 
     if found is None or found[1] is None or tokens < min_tokens:
         return quantize(w, scheme), "rtn", tokens
     h = found[1]
-    qt = QUANTIZERS[method](w.to(h.device), h, scheme)  # on the statistics' (the stream's) device
+    if method == "gptq":  # the factor of H^-1, shared by the weights of one input
+        qt = quantize_gptq(w.to(h.device), h, scheme, factor=stats.gptq_factor(name))
+    else:
+        qt = QUANTIZERS[method](w.to(h.device), h, scheme)  # on the statistics' (the stream's) device
     return _on_cpu(qt), method, tokens
 
 

@@ -20,7 +20,7 @@ K-quant blocks, ...). Each scheme family contributes one `Grid` (a registry keye
 awmse = choose + nearest codes per block (for K-quants: llama.cpp's imatrix quantization, with per-expert
 statistics). gptq = Frantar et al. 2022: columns quantized in order on the grid chosen when their block comes up
 (on the error-updated weights), each column's error pushed onto the columns not yet quantized through the Cholesky
-factor of H^-1 (H + 1% of its mean diagonal as damping).
+factor of H^-1 (H + 1% of its mean diagonal as damping), the factor shared by weights of one input.
 """
 
 from __future__ import annotations
@@ -197,39 +197,61 @@ def quantize_awmse(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> Quant
     return grid.encode(torch.cat(qs, dim=1), ps)
 
 
-def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> QuantizedTensor:
-    """GPTQ on the scheme's grid (chosen per block when its first column comes up). w: [N, K]; hessian [K, K]."""
+def gptq_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U `[K, K]` float32 of (H + damping)^-1 (U^T U = H^-1), which GPTQ pushes each
+    column's error through. Float32, as in the GPTQ paper's reference code; a Hessian too ill-conditioned for that
+    (the factorisation fails) is factored in float64 instead. Columns never seen (H_kk = 0) get H_kk = 1.
+
+    One factor serves every weight fed the same input (an expert's gate and up), so calibration computes it once
+    per input (quant/calibrate.py `CalibrationStats.gptq_factor`)."""
+    k = hessian.shape[0]
+    for dtype in (torch.float32, torch.float64):
+        h = hessian.to(dtype, copy=True)
+        dead = h.diagonal() <= 0
+        h[dead, dead] = 1.0
+        h.diagonal().add_(DAMP * h.diagonal().mean())
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return u.float()
+    raise ValueError(f"GPTQ: the Hessian [{k}, {k}] is not positive definite even with {DAMP:.0%} damping")
+
+
+def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str,
+                  factor: torch.Tensor | None = None) -> QuantizedTensor:
+    """GPTQ on the scheme's grid (chosen per block when its first column comes up). w: [N, K]; hessian [K, K];
+    `factor`: `gptq_factor(hessian)` when the caller already has it.
+
+    The weights are worked on transposed (`[K, N]`: a column is a contiguous row), each column's error added onto
+    the rest of its lazy-update block as one rank-1 update in place, the block's errors onto the columns after it
+    as one matrix product."""
     grid = grid_for(scheme)
-    w = as_float32_matrix(w).clone()
     n, k = w.shape
     g = grid.width
     check_group(k, g, scheme)
-    h = hessian.double().clone()
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1.0
-    h += DAMP * h.diagonal().mean() * torch.eye(k, dtype=torch.float64, device=h.device)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()  # [K, K]
+    u = gptq_factor(hessian) if factor is None else factor  # [K, K]
     imp = _importance(hessian)
-    q = torch.zeros(n, k, device=w.device)  # on the statistics' device (cuda when calibration streams there)
+    wt = as_float32_matrix(w).T.contiguous().to(u.device)  # [K, N], on the statistics' device
+    qt = torch.zeros(k, n, device=u.device)
     ps = []
     block = max(GPTQ_BLOCK // g, 1) * g
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        wb, errs, ub = w[:, b0:b1].clone(), torch.zeros(n, b1 - b0, device=w.device), u[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            i = b0 + j
-            if i % g == 0:  # the grid block lies inside this lazy-update block (block is a multiple of g)
-                p = grid.choose(wb[:, j:j + g], imp[i:i + g])
-                ps.append(p)
-                step, offset = grid.levels(p)  # [N, g]
-            c = i % g
-            col = wb[:, j]
-            q[:, i] = _nearest(col, step[:, c], offset[:, c], grid.qmax)
-            err = (col - (q[:, i] * step[:, c] + offset[:, c])) / ub[j, j]
-            wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
-            errs[:, j] = err
-        w[:, b1:] -= errs @ u[b0:b1, b1:]
-    return grid.encode(q, ps)
+        errs = torch.zeros(b1 - b0, n, device=u.device)
+        for j0 in range(b0, b1, g):  # a grid block lies inside the lazy-update block (block is a multiple of g)
+            p = grid.choose(wt[j0:j0 + g].T, imp[j0:j0 + g])
+            ps.append(p)
+            step, offset = (x.T.contiguous() for x in grid.levels(p))  # [g, N]
+            for c in range(g):
+                i = j0 + c
+                col = wt[i]
+                qt[i] = _nearest(col, step[c], offset[c], grid.qmax)
+                err = (col - (qt[i] * step[c] + offset[c])) / u[i, i]
+                wt[i + 1:b1].addr_(u[i, i + 1:b1], err, alpha=-1)
+                errs[i - b0] = err
+        wt[b1:].addmm_(u[b0:b1, b1:].T, errs, alpha=-1)
+    return grid.encode(qt.T.contiguous(), ps)
 
 
 QUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], QuantizedTensor]] = {
