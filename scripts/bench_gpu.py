@@ -183,6 +183,21 @@ def profile(model, path: str) -> None:
             f.write(f"== {what}\n{p.key_averages().table(sort_by='cuda_time_total', row_limit=30)}\n")
 
 
+def repeated(fn, runs: int) -> dict:
+    """fn() `runs` times (each a fresh model): numbers are the median over the runs, "spread" lists each run's."""
+    out = [fn() for _ in range(runs)]
+    if runs == 1:
+        return out[0]
+    merged = dict(out[0])
+    merged["spread"] = {}
+    for key, v in out[0].items():
+        vals = [r.get(key) for r in out]
+        if all(isinstance(x, float) for x in vals):
+            merged[key] = statistics.median(vals)
+            merged["spread"][key] = vals
+    return merged
+
+
 def bench_nextq(config: ModelConfig, experts: str, prefill_t, decode_b, max_seq: int, profile_path=None) -> dict:
     from nextq.runtime.gpu import GpuModel
 
@@ -548,8 +563,9 @@ def roofline_cell(r: dict, bandwidth: float) -> str:
 
 
 def table(results: dict, bandwidth: float, prefill_t, decode_b) -> str:
-    """The device line, then one row per metric: each anchor, each nextq variant with its ratio to every anchor
-    (> 1: nextq faster) and, on batch-1 decode rows, its fraction of the HBM roofline."""
+    """The device line, then one row per metric: each anchor, each nextq variant (median, with the range over
+    --runs in parentheses) with its ratio to every anchor (> 1: nextq faster) and, on batch-1 decode rows, its
+    fraction of the HBM roofline."""
     anchors = [k for k in ENGINES if k in results]
     variants = [k for k in NEXTQ if k in results]
     layers = results["layers"]
@@ -566,7 +582,9 @@ def table(results: dict, bandwidth: float, prefill_t, decode_b) -> str:
         for v in variants:
             r = results[FULL] if full and v == "nextq-int4" else ({} if full else results[v])
             ours = r.get(key)
-            row += [fmt(ours), *(ratio(ours, None if full else results[a].get(key), lower) for a in anchors),
+            spread = r.get("spread", {}).get(key)
+            cell = fmt(ours) + (f" ({min(spread):,.0f}-{max(spread):,.0f})" if spread else "")
+            row += [cell, *(ratio(ours, None if full else results[a].get(key), lower) for a in anchors),
                     roofline_cell(r, bandwidth) if key == "decode_b1_tok_s" else ""]
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
@@ -583,6 +601,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-batch", type=int, nargs="*", default=list(DECODE_B))
     ap.add_argument("--variants", nargs="*", default=["transformers+fla", "nextq-int4", "nextq-fp8"])
     ap.add_argument("--full", action="store_true", help="also the 48-layer model with int4 experts (decode only)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="measure each nextq model this many times (fresh builds): medians, with the spread")
     ap.add_argument("--llama-cpp", type=Path, metavar="SRC",
                     help="llama.cpp sources (tree or --pack-llama-cpp pack): build llama-bench (CUDA) and add its rows")
     ap.add_argument("--llama-cpp-jobs", type=int, default=max(1, (os.cpu_count() or 4) - 2))
@@ -628,12 +648,14 @@ def main(argv=None) -> dict:
             results[v] = bench_transformers(config, args.prefill, args.decode_batch,
                                             f"{args.profile}.hf" if args.profile else None)
         else:
-            results[v] = bench_nextq(config, v.split("-")[1], args.prefill, args.decode_batch, max_seq,
-                                     f"{args.profile}.{v}" if args.profile else None)
+            results[v] = repeated(lambda: bench_nextq(config, v.split("-")[1], args.prefill, args.decode_batch,
+                                                      max_seq, f"{args.profile}.{v}" if args.profile else None),
+                                  args.runs)
         print(f"{v}: {json.dumps(results[v], default=str)} ({time.time() - t0:.0f} s)", flush=True)
     if args.full:
         t0 = time.time()
-        results[FULL] = r = bench_nextq(qwen3_next_80b(48), "int4", [], [1], PROMPT + 16 + DECODE_STEPS + 64)
+        results[FULL] = r = repeated(lambda: bench_nextq(qwen3_next_80b(48), "int4", [], [1],
+                                                         PROMPT + 16 + DECODE_STEPS + 64), args.runs)
         print(f"48 layers int4: {json.dumps(r, default=str)} ({time.time() - t0:.0f} s)", flush=True)
     if llama is not None:
         t0 = time.time()
