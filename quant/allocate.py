@@ -12,7 +12,15 @@ Sensitivity of a unit under scheme s: the output error its round-to-nearest weig
 tokens, sum over sources of tr(E H E^T) with E = dequant(s(W)) - W and H = sum x x^T over the tokens each source
 really sees (an expert: the tokens routed to it), so experts are weighted by their routing frequency; the
 embedding (a lookup, no matmul input): its squared row errors times the tokens per vocabulary entry. Units without
-statistics stay at their cheapest scheme. Allocation: start every unit
+statistics stay at their cheapest scheme.
+
+Those errors are in each tensor's own output space (an LM head's logits, a down projection's residual stream), so
+they do not compare across tensors. The "kld" proxy (default on models of up to KLD_MAX_PARAMS parameters, whose
+float32 copy is held once) puts them on one scale: each unit alone at its cheapest scheme, the model run on
+KLD_WINDOWS calibration windows, the mean KL(P_float || P_quantized) of the logits measured; the unit's errors are
+rescaled so that its cheapest one equals that KLD (its ladder keeps the output errors' ratios). The MTP head's
+units do not reach the main logits (only the draft's acceptance): they take the smallest rescaling measured. Larger models (or statistics without their
+windows) keep the "output" proxy as measured. Allocation: start every unit
 at its cheapest candidate; while the budget allows, upgrade the unit with the largest error reduction per extra
 bit (greedy). The plan is a Recipe (one override per tensor),
 so quantization, calibration and every exporter run exactly as for a built-in recipe.
@@ -28,6 +36,7 @@ import torch
 
 from nextq.errors import RecipeError
 from nextq.graph import Graph
+from nextq.validate.metrics import kl_divergence
 
 from .llama_mix import gguf_groups
 from .recipes import KEEP, Override, Recipe, nominal_bits, plan_schemes
@@ -97,6 +106,35 @@ def lookup_error(w: torch.Tensor, scheme: str, tokens: int) -> float:
     return float((e * e).sum()) * tokens / w.shape[0]
 
 
+KLD_WINDOWS = 2  # calibration windows the "kld" proxy runs the model on, per unit
+KLD_MAX_PARAMS = 1 << 28  # the "kld" proxy holds one float32 copy of the model: up to 1 GiB
+
+
+def kld_rescale(graph: Graph, units: list[Unit], ids: torch.Tensor,
+                progress: Callable | None = None) -> None:
+    """The "kld" proxy (module docstring): rescale each measured unit's errors in place so that its cheapest
+    candidate's equals the mean KLD of the logits with only that unit quantized (RTN), on `ids` `[n, T]`."""
+    from nextq.runtime.model import TorchModel
+
+    model = TorchModel(graph, "cpu", torch.float32)
+    ref = model.forward(ids).numpy()
+    scale: dict[int, float] = {}
+    for i, u in enumerate(progress(units) if progress else units):
+        if not u.measured or u.errors[0] <= 0 or u.sources[0].startswith("mtp."):
+            continue
+        for s in u.sources:
+            model.w.put(s, dequantize(quantize(graph.get(s), u.candidates[0])))
+        kld = float(kl_divergence(ref, model.forward(ids).numpy()).mean())
+        for s in u.sources:
+            model.w.put(s, graph.get(s))
+        scale[i] = kld / u.errors[0]
+    least = min(scale.values(), default=1.0)
+    for i, u in enumerate(units):
+        if u.measured:
+            f = scale.get(i, least)
+            u.errors = [e * f for e in u.errors]
+
+
 def allocate(units: list[Unit], budget_bits: float, fixed_bits: float) -> float:
     """Choose each unit's candidate so that fixed_bits + sum(unit bits) <= budget_bits with small total error.
 
@@ -134,13 +172,18 @@ def target_recipe(graph: Graph, target_bpw: float, stats, keep_bits: float = 16.
     check_budget(graph, target_bpw, keep_bits)  # an impossible budget fails before any measuring
     units = measure(graph, stats, progress)
     fixed, total = _sizes(graph, units, keep_bits)
+    proxy = "output"
+    if getattr(stats, "ids", None) is not None and total <= KLD_MAX_PARAMS:
+        kld_rescale(graph, units, stats.ids[:KLD_WINDOWS].cpu(), progress)
+        proxy = "kld"
     lo, hi = _reachable(units, fixed, total)
     used = allocate(units, target_bpw * total, fixed)
     overrides = tuple(Override(s, u.candidates[u.choice]) for u in units if u.candidates for s in u.sources)
     recipe = Recipe(name=f"target-{target_bpw:g}bpw", overrides=overrides,
                     description=f"measured allocation for {target_bpw:g} bits per weight (nextq quantize --target-bpw)")
     plan_schemes(recipe, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})  # valid everywhere
-    return recipe, units, {"target_bpw": target_bpw, "bpw": used / total, "min_bpw": lo, "max_bpw": hi}
+    return recipe, units, {"target_bpw": target_bpw, "bpw": used / total, "min_bpw": lo, "max_bpw": hi,
+                           "proxy": proxy}
 
 
 def _reachable(units: list[Unit], fixed: float, total: int) -> tuple[float, float]:
@@ -179,8 +222,9 @@ def _stored_bits(graph: Graph, name: str, keep_bits: float) -> float:
 def plan_markdown(units: list[Unit], summary: Mapping) -> str:
     """The allocation as a markdown table: one row per GGUF tensor."""
     lines = [f"bit allocation: target {summary['target_bpw']:g} bits/weight, reached {summary['bpw']:.3f} "
-             f"(reachable {summary['min_bpw']:.3f} .. {summary['max_bpw']:.3f})", "",
-             "| GGUF tensor | sources | params | scheme | bits/w | output error (chosen / cheapest) |",
+             f"(reachable {summary['min_bpw']:.3f} .. {summary['max_bpw']:.3f}; errors: {summary['proxy']} proxy)",
+             "",
+             "| GGUF tensor | sources | params | scheme | bits/w | error (chosen / cheapest) |",
              "|---|---:|---:|---|---:|---|"]
     for u in units:
         if not u.candidates:

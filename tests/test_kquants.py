@@ -224,3 +224,29 @@ def test_target_bpw_meets_the_budget_and_spends_it_where_it_matters(wide_ir):
     assert hot_unit.choice > 0 and plan[next(iter(hot))].scheme == hot_unit.candidates[hot_unit.choice]
     assert plan["layers.1.mixer.o.weight"].scheme == "int4_sym_g32"  # K = 128: the 32-block ladder
     assert "| GGUF tensor |" in allocate.plan_markdown(units, summary)
+
+
+def test_target_bpw_kld_proxy_puts_every_tensor_on_the_logits_scale(wide_ir):
+    """With real statistics (their windows), each unit's errors are rescaled to the KLD of the logits with only
+    that unit quantized at its cheapest scheme; the MTP head's (it does not reach the logits) to the smallest
+    rescaling; the budget still holds."""
+    import numpy as np
+
+    from nextq.graph import Graph
+    from nextq.quant import allocate, calibrate, dequantize, quantize
+    from nextq.runtime.model import TorchModel
+    from nextq.validate.metrics import kl_divergence
+
+    graph = Graph.load(wide_ir / "ir")
+    windows = torch.randint(0, graph.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    stats = calibrate.collect_stats(graph, windows)
+    recipe, units, summary = allocate.target_recipe(graph, 5.0, stats)
+    assert summary["proxy"] == "kld" and summary["min_bpw"] <= summary["bpw"] <= 5.0
+    unit = next(u for u in units if u.measured and u.gguf == "blk.1.ffn_down_exps.weight")
+    g = Graph.load(wide_ir / "ir")
+    ref = TorchModel(g).forward(windows).numpy()
+    for s in unit.sources:
+        g.tensors[s] = dequantize(quantize(g.get(s), unit.candidates[0]))
+    kld = kl_divergence(ref, TorchModel(g).forward(windows).numpy()).mean()
+    np.testing.assert_allclose(unit.errors[0], kld, rtol=1e-6)  # the definition, recomputed by hand (same math)
+    assert any(u.measured and u.sources[0].startswith("mtp.") and u.errors[0] > 0 for u in units)
