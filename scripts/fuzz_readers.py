@@ -10,7 +10,7 @@ Mutants: byte flips and boundary values (0, 1, 2^31 - 1, 2^32 - 1, 2^63, 2^64 - 
 binary files, truncations; JSON documents (graph.json, config.json, index.json, the report) with keys dropped,
 types changed, huge shapes, names pointing outside the directory (absolute, `../`, a symlink); TOML with values
 retyped, lines dropped, bytes flipped; the ONNX model's external-data entries (location, offset, length) pointed
-outside or past the end, its data file symlinked out or truncated. Each mutant is read in a worker process: IR and
+outside or past the end, its data file symlinked out or truncated. Each mutant is made and read in a worker: IR and
 HF graphs load every tensor (quantized ones are dequantized), GGUF imports whole, an ONNX directory goes through
 the check `nextq run` applies before ONNX Runtime sees it (the session itself is ONNX Runtime's, not fuzzed here).
 
