@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -37,14 +36,18 @@ def fp8_job(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("pipeline-fp8")
     fp8, _ = make_fp8_checkpoint(root)
-    run_pipeline(str(fp8), root / "job", formats=["gguf"], calib_tokens=256, max_windows=2, max_new_tokens=4)
+    # the defaults (int4 recipe, GGUF and ONNX, calibrated), with fewer calibration tokens and windows for time
+    run_pipeline(str(fp8), root / "job", calib_tokens=256, max_windows=2, max_new_tokens=4)
     return root / "job"
 
 
-def test_pipeline_of_an_fp8_checkpoint_writes_and_validates_its_gguf(fp8_job: Path):
+def test_pipeline_of_an_fp8_checkpoint_writes_and_validates_every_format(fp8_job: Path):
     summary = json.loads((fp8_job / "summary.json").read_text())
-    gguf_row = next(r for r in summary["rows"] if r["format"] == "gguf")
-    assert gguf_row["kld_mean"] is not None and gguf_row["ppl"] is not None  # validated by llama.cpp
+    rows = {r["format"]: r for r in summary["rows"]}
+    assert set(rows) == {"original", "ir (int4)", "gguf", "onnx"}
+    for fmt in ("ir (int4)", "gguf", "onnx"):  # each validated by its engine against the original
+        assert rows[fmt]["kld_mean"] is not None and rows[fmt]["ppl"] is not None, fmt
+    gguf_row = rows["gguf"]
     assert "tensors written as Q8_0 (GGUF has no fp8 type)" in gguf_row["note"]
     assert "written as Q8_0" in (fp8_job / "summary.md").read_text()
     step = next(s for s in summary["steps"] if s["name"] == "export gguf")
