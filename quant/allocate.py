@@ -165,17 +165,26 @@ def allocate(units: list[Unit], budget_bits: float, fixed_bits: float) -> float:
         used += extra
 
 
-def target_recipe(graph: Graph, target_bpw: float, stats, keep_bits: float = 16.0,
-                  progress: Callable | None = None) -> tuple[Recipe, list[Unit], dict]:
-    """The recipe meeting `target_bpw` (bits per weight over every tensor, scales included) with the least measured
-    output error, the units behind it, and a summary (target, reached, smallest and largest reachable)."""
-    check_budget(graph, target_bpw, keep_bits)  # an impossible budget fails before any measuring
+def sensitivity(graph: Graph, stats, progress: Callable | None = None) -> tuple[list[Unit], str]:
+    """Every unit with its candidates' errors (`measure`), on the logits' KLD scale where the "kld" proxy applies
+    (module docstring); returns (units, the proxy used)."""
     units = measure(graph, stats, progress)
+    total = sum(math.prod(t.shape) for t in graph.tensors.values())
+    if getattr(stats, "ids", None) is None or total > KLD_MAX_PARAMS:
+        return units, "output"
+    kld_rescale(graph, units, stats.ids[:KLD_WINDOWS].cpu(), progress)
+    return units, "kld"
+
+
+def target_recipe(graph: Graph, target_bpw: float, stats, keep_bits: float = 16.0,
+                  progress: Callable | None = None, measured: tuple[list[Unit], str] | None = None
+                  ) -> tuple[Recipe, list[Unit], dict]:
+    """The recipe meeting `target_bpw` (bits per weight over every tensor, scales included) with the least measured
+    error, the units behind it, and a summary (target, reached, smallest and largest reachable, proxy).
+    `measured`: `sensitivity(graph, stats)` when the caller already has it (several budgets on one model)."""
+    check_budget(graph, target_bpw, keep_bits)  # an impossible budget fails before any measuring
+    units, proxy = measured or sensitivity(graph, stats, progress)
     fixed, total = _sizes(graph, units, keep_bits)
-    proxy = "output"
-    if getattr(stats, "ids", None) is not None and total <= KLD_MAX_PARAMS:
-        kld_rescale(graph, units, stats.ids[:KLD_WINDOWS].cpu(), progress)
-        proxy = "kld"
     lo, hi = _reachable(units, fixed, total)
     used = allocate(units, target_bpw * total, fixed)
     overrides = tuple(Override(s, u.candidates[u.choice]) for u in units if u.candidates for s in u.sources)

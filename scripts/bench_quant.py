@@ -59,7 +59,8 @@ GGUF_TYPES = {"Q8_0": 7, "Q6_K": 18, "Q4_K_M": 15, "Q4_0": 2, "IQ4_XS": 30}  # l
 IMATRIX_TYPES = ("Q4_K_M", "IQ4_XS")  # also made with llama.cpp's own imatrix of the calibration text
 KQUANT_RECIPE = "q4_k_m"
 # the second model: scripts/train_tiny.py with these arguments (256-wide rows, 24 experts, its own tokenizer)
-WIDE_TRAINING = ("--preset", "wide", "--steps", "80", "--seq", "64", "--batch", "4", "--vocab", "4096", "--seed", "1")
+WIDE_TRAINING = ("--preset", "wide", "--steps", "250", "--seq", "64", "--batch", "8", "--vocab", "4096", "--seed", "1",
+                 "--threads", "1")
 
 
 def cache_root() -> Path:
@@ -171,11 +172,13 @@ def bench_nextq_gguf(graph: Graph, work: Path, ids: np.ndarray, llama_ref: np.nd
     """nextq's K-quant recipe (RTN, awmse, GPTQ) and --target-bpw allocations, as GGUF files run by llama.cpp."""
     rows = [nextq_gguf_row(graph, RECIPES[KQUANT_RECIPE], m, stats, work, f"{KQUANT_RECIPE}-{m}", ids, llama_ref,
                            log) for m in ("rtn", "awmse", "gptq")]
+    measured = allocate.sensitivity(graph, stats)  # once for every budget
+    log(f"--target-bpw sensitivity: {measured[1]} proxy")
     for name, bpw in targets.items():
         target = bpw
         for _ in range(3):  # the IR counts norms and routers as stored (bf16), GGUF writes them F32: correct once
             try:
-                recipe, _, summary = allocate.target_recipe(graph, target, stats)
+                recipe, _, summary = allocate.target_recipe(graph, target, stats, measured=measured)
             except RecipeError as e:
                 log(f"--target-bpw {target:.3f} ({name}): {e}")
                 break

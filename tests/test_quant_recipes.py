@@ -392,13 +392,16 @@ def test_recipe_target_matrix(ir):
     from nextq.quant.cli import TARGETS, target_cell
     from nextq.quant.recipes import qwen3_next_80b
 
+    from nextq.graph import expected_tensors
+
     for config in (qwen3_next_80b(), Graph.load(ir).config):
+        shapes = {n: s.shape for n, s in expected_tensors(config).items()}
         for name, recipe in RECIPES.items():
-            plan, reasons = plan_schemes(recipe, config), {}
+            plan, reasons = plan_schemes(recipe, config, shapes), {}
             assert target_cell(plan, "onnx", reasons) == "yes", (name, reasons)
             cells = [target_cell(plan, t, reasons) for t in TARGETS]
             assert all(c == "yes" or reasons for c in cells) and all(len(why) > 10 for why in reasons.values())
-    res = CliRunner().invoke(main, ["recipes", "--targets"])
+    res = CliRunner().invoke(main, ["recipes", "--targets", "--model", str(ir)])
     assert res.exit_code == 0 and "no packed GPU kernel" in res.output
 
 
