@@ -379,9 +379,13 @@ def worker(max_alloc_gib: float, seeds_file: str, warm: list[str]) -> None:
     for reader in warm:
         READERS[reader](str(seeds[reader]))
     state: dict[str, Any] = {"root": None, "escapes": []}
+    work = os.path.realpath(Path(seeds_file).parent) + os.sep
+    # the interpreter's own files (modules imported lazily by a reader, e.g. from a PYTHONPATH entry), unless a
+    # directory holds the scratch area itself: then it could hide a mutant's escape
+    code = [p for p in sys.path if p and os.path.isdir(p) and not work.startswith(os.path.realpath(p) + os.sep)]
     allowed = tuple(os.path.realpath(p) + os.sep for p in {
         sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.__file__), "/proc", "/sys", "/dev",
-        str(Path(__import__("nextq").__file__).resolve().parents[1]), os.environ.get("TMPDIR", "/tmp/none")})
+        str(Path(__import__("nextq").__file__).resolve().parents[1]), os.environ.get("TMPDIR", "/tmp/none"), *code})
 
     def audit(event: str, args: tuple) -> None:
         if event not in AUDITED or state["root"] is None or not args or not isinstance(args[0], (str, bytes, Path)):
