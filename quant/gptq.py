@@ -175,12 +175,6 @@ def _importance(hessian: torch.Tensor) -> torch.Tensor:
     return h + DAMP * h.mean() + 1e-30
 
 
-def _nearest(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Nearest codes 0..qmax of w on value = code * step + offset (elementwise, any shape)."""
-    inv = torch.where(step == 0, torch.zeros_like(step), 1.0 / torch.where(step == 0, torch.ones_like(step), step))
-    return torch.round((w - offset) * inv).clamp(0, qmax)
-
-
 def quantize_awmse(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> QuantizedTensor:
     """Importance-weighted grid search per block, nearest codes. w: [N, K]; hessian: [K, K] (its diagonal)."""
     grid = grid_for(scheme)
@@ -231,6 +225,7 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str,
     g = grid.width
     check_group(k, g, scheme)
     u = gptq_factor(hessian) if factor is None else factor  # [K, K]
+    inv_diag = 1.0 / u.diagonal()
     imp = _importance(hessian)
     wt = as_float32_matrix(w).T.contiguous().to(u.device)  # [K, N], on the statistics' device
     qt = torch.zeros(k, n, device=u.device)
@@ -243,13 +238,13 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str,
             p = grid.choose(wt[j0:j0 + g].T, imp[j0:j0 + g])
             ps.append(p)
             step, offset = (x.T.contiguous() for x in grid.levels(p))  # [g, N]
-            for c in range(g):
+            inv = torch.where(step == 0, 0.0, 1.0 / torch.where(step == 0, 1.0, step))
+            for c in range(g):  # in place, a few kernels per column (on a GPU this loop is launch-bound)
                 i = j0 + c
-                col = wt[i]
-                qt[i] = _nearest(col, step[c], offset[c], grid.qmax)
-                err = (col - (qt[i] * step[c] + offset[c])) / u[i, i]
-                wt[i + 1:b1].addr_(u[i, i + 1:b1], err, alpha=-1)
-                errs[i - b0] = err
+                r, q, e = wt[i] - offset[c], qt[i], errs[i - b0]
+                torch.mul(r, inv[c], out=q).round_().clamp_(0, grid.qmax)  # the nearest code 0..qmax
+                torch.addcmul(r, q, step[c], value=-1, out=e).mul_(inv_diag[i])  # (w - w^) / U_ii
+                wt[i + 1:b1].addr_(u[i, i + 1:b1], e, alpha=-1)
         wt[b1:].addmm_(u[b0:b1, b1:].T, errs, alpha=-1)
     return grid.encode(qt.T.contiguous(), ps)
 
