@@ -32,7 +32,8 @@ def calibration_windows(ir: Path, text_file: Path | None, tokens: int, length: i
 @click.option("--recipe", help=f"Built-in ({', '.join(RECIPES)}) or a TOML recipe file.")
 @click.option("--target-bpw", type=float,
               help="Instead of a recipe: choose a scheme per GGUF tensor (K-quants, Q4_0/Q5_0 where rows are not a "
-                   "multiple of 256, Q8_0) from its measured output error on the calibration text to meet this many "
+                   "multiple of 256, Q8_0) from its measured output error on the calibration text (on models up to "
+                   "2^28 parameters rescaled to the logits' KLD of quantizing that tensor alone) to meet this many "
                    "bits per weight; the plan is printed and written next to the IR (allocation.md / .json).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="Data-aware int4 (needs the model to run on calibration text); --no-calibrate = round to nearest.")
