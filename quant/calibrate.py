@@ -47,7 +47,8 @@ import torch
 from nextq.errors import CalibrationError
 from nextq.graph import Graph, expected_tensors
 from nextq.runtime.model import LayerMath, Observer, Weights
-from nextq.runtime.stream import LayerStream, trim_heap
+from nextq.console import trim_heap
+from nextq.runtime.stream import LayerStream
 
 from .gptq import QUANTIZERS, gptq_factor, quantize_awmse, quantize_gptq, search_group_params  # noqa: F401
 from .schemes import SCHEMES, quantize

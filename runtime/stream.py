@@ -14,8 +14,6 @@ is runtime/model.py's `LayerMath`, the functions TorchModel runs, so streamed lo
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,22 +21,10 @@ from typing import Any
 
 import torch
 
+from nextq.console import trim_heap
 from nextq.graph import Block, Graph, Layer
 
 from .model import LayerMath, LayerState, Observer, Weights
-
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
-
-
-def trim_heap() -> None:
-    """Hand memory the allocator holds but no longer uses back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
-
-    glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB) in its per-thread arenas: after one
-    layer at Qwen3-Next-80B's dimensions (512 experts of 2 MiB each, read and freed) a process kept ~3.8 GiB of RSS
-    it no longer used. The stream calls this after each layer it frees, calibration after each chunk of experts."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
 
 @dataclass
 class LayerStep:
