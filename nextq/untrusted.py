@@ -427,7 +427,7 @@ def gguf_header(path: str | Path, type_sizes: Mapping[int, tuple[int, int]],
     type_sizes: the ggml tensor types accepted, id -> (block size in elements, bytes per block).
     kinds: key -> expected kind (a GGUF_KINDS name) for the keys the caller reads; other keys are only parsed.
     Checks: magic, version, little-endian, UTF-8 keys and strings, no duplicate key or tensor, arrays of scalars or
-    strings, at most 4 dims per tensor, the innermost dim a multiple of the type's block, general.alignment a u32
+    strings, 1 to 4 dims per tensor, each >= 1, the innermost dim a multiple of the type's block, general.alignment a u32
     power of two, every tensor's offset aligned and its bytes inside the file.
     """
     path = str(path)
@@ -474,6 +474,8 @@ def _parse_gguf(c: _Cursor, type_sizes: Mapping[int, tuple[int, int]], kinds: Ma
         n_dims = c.scalar("<I", f"{where} n_dims")
         need(1 <= n_dims <= GGUF_MAX_DIMS, path, f"{where}: n_dims {n_dims}, expected 1..{GGUF_MAX_DIMS}")
         dims = tuple(c.scalar("<Q", f"{where} dims") for _ in range(n_dims))
+        # a zero dim would make the byte count 0 whatever the others claim (2^63 beside a 0 passed the size check)
+        need(all(d >= 1 for d in dims), path, f"{where}: dims {list(dims)}, expected every dim >= 1")
         t = c.scalar("<I", f"{where} type")
         need(t in type_sizes, path, f"{where}: ggml type {t} is not supported; supported ids: {sorted(type_sizes)}")
         offset = c.scalar("<Q", f"{where} offset")

@@ -186,6 +186,16 @@ def test_gguf_header_claiming_2_40_elements_is_refused_before_allocation(tmp_pat
     assert "token_embd.weight" in one_error_line("inspect", p)
 
 
+def test_gguf_zero_dim_beside_a_huge_one_is_refused(tmp_path: Path):
+    """dims [~2^63, 0] need 0 bytes, so the size check alone let them through to gguf-py's reshape (a raw numpy
+    ValueError; fuzz_readers gguf mutant 8279 of seed 0)."""
+    p = tmp_path / "zero.gguf"
+    p.write_bytes(gguf_bytes([9151314442816848000, 0], 64))
+    with pytest.raises(InputError, match=r"dims \[9151314442816848000, 0\], expected every dim >= 1"):
+        nextq.read(p)
+    assert "expected every dim >= 1" in one_error_line("inspect", p)
+
+
 def test_gguf_tokenizer_without_vocabulary_is_refused(tmp_path: Path):
     p = tmp_path / "tok.gguf"
     p.write_bytes(gguf_bytes([4, 4], 64, {"tokenizer.ggml.model": "gpt2"}))
