@@ -408,7 +408,9 @@ def test_recipe_target_matrix(ir):
 @pytest.mark.parametrize("scheme", [s for s, e in SCHEMES.items() if e.gpu == GPU_DEQUANT])
 def test_gpu_packer_dequantizes_experts_without_a_kernel(scheme):
     """runtime/gpu.py's packer for integer experts with no packed kernel: each expert's exact dequantization, cast
-    to the compute dtype, as float experts (the layout the float MoE kernels run; built on CPU here)."""
+    to the compute dtype, as float experts (the layout the float MoE kernels run; built on CPU here, where Triton is
+    installed: runtime/gpu.py imports it, and CPU-only installs do not have it)."""
+    pytest.importorskip("triton", reason="runtime/gpu.py imports Triton, which CPU-only installs do not have")
     from nextq.runtime.gpu import pack_experts
 
     experts = [quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(e)), scheme) for e in range(3)]
