@@ -11,8 +11,8 @@ stream only moves forward: one layer's statistics are held at a time, and a laye
 about `chunk_bytes` of Gram matrices (the layer's MoE input tokens and routing are kept, each chunk re-runs its
 experts on them; with GPTQ each input's factor of H^-1 is kept beside its H, computed once for gate and up), so at
 Qwen3-Next-80B's dimensions (512 experts, [2048, 2048] per expert) the statistics stay ~1 GiB instead of 16 GiB per
-layer. The MTP head runs on the main model's final hidden states, so its experts get
-statistics too. The embedding is a lookup and is never calibrated (tied or not).
+layer. The MTP head runs on the main model's final hidden states, so its experts get statistics too. The embedding
+is a lookup and is never calibrated (tied or not).
 
 Modes (`mode=`): "original" (default) -- statistics from the unquantized model's outputs; "sequential" -- layer
 i+1's statistics from the outputs of layer i *as quantized* (its stored tensors handed back through `record`), the
@@ -44,10 +44,10 @@ from pathlib import Path
 
 import torch
 
+from nextq.console import trim_heap
 from nextq.errors import CalibrationError
 from nextq.graph import Graph, expected_tensors
 from nextq.runtime.model import LayerMath, Observer, Weights
-from nextq.console import trim_heap
 from nextq.runtime.stream import LayerStream
 
 from .gptq import QUANTIZERS, gptq_factor, quantize_awmse, quantize_gptq, search_group_params  # noqa: F401

@@ -26,6 +26,7 @@ from nextq.graph import Block, Graph, Layer
 
 from .model import LayerMath, LayerState, Observer, Weights
 
+
 @dataclass
 class LayerStep:
     """One decoder layer of a stream: its input hidden states x [N, T, H]; `out` [N, T, H] once it ran."""
