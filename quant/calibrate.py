@@ -50,13 +50,16 @@ from nextq.graph import Graph, expected_tensors
 from nextq.runtime.model import LayerMath, Observer, Weights
 from nextq.runtime.stream import LayerStream
 
-from .gptq import QUANTIZERS, gptq_factor, quantize_awmse, quantize_gptq, search_group_params  # noqa: F401
+from .gptq import (QUANTIZERS, gptq_factor, quantize_awmse, quantize_gptq, quantize_gptq_batch,  # noqa: F401
+                   search_group_params)
 from .schemes import SCHEMES, quantize
-from .tensor import QUANT_FIELDS, QuantizedTensor
+from .tensor import QUANT_FIELDS, QuantizedTensor, as_float32_matrix
 
 MIN_TOKENS = 16
 MODES = ("original", "sequential")
-CHUNK_BYTES = 512 << 20  # float32 Gram matrices of one chunk of experts (two chunks are kept: workers straddle)
+CHUNK_BYTES = {"cpu": 512 << 20, "cuda": 4 << 30}  # float32 Gram matrices + GPTQ factors of one chunk of experts
+# (two chunks are kept: workers straddle); a chunk is also one GPTQ batch per part, which on a GPU is what keeps
+# its column loop from being launch-bound
 EXPERT = re.compile(r"(.*\.ffn)\.experts\.(\d+)\.(gate|up|down)\.weight")
 
 
@@ -107,7 +110,7 @@ class CalibrationStats:
 
     def __init__(self, graph: Graph, windows: torch.Tensor, wanted: Iterable[str] | None = None, *,
                  mode: str = "original", device: str | torch.device = "cpu", batch: int = 4,
-                 chunk_bytes: int = CHUNK_BYTES, on_stage: Callable[[str, float], None] | None = None):
+                 chunk_bytes: int | None = None, on_stage: Callable[[str, float], None] | None = None):
         if mode not in MODES:
             raise CalibrationError(f"calibration mode: unknown {mode!r}; supported: {', '.join(MODES)}")
         if windows.dim() != 2 or windows.numel() == 0:
@@ -128,6 +131,7 @@ class CalibrationStats:
             self.stages.append(("mtp", self.stream.names(self.stream.mtp)))
         self.stage_of = {n: i for i, (_, names) in enumerate(self.stages) for n in names}
         h, i_dim = c.hidden_size, c.moe_intermediate_size
+        chunk_bytes = CHUNK_BYTES[self.stream.device.type] if chunk_bytes is None else chunk_bytes
         self.chunk = max(1, chunk_bytes // (8 * (h * h + i_dim * i_dim)))  # experts per chunk: H + GPTQ factor
         self.expert_tokens: dict[str, torch.Tensor] = {}
         self.recorded: dict[str, torch.Tensor | QuantizedTensor] = {}
@@ -144,6 +148,7 @@ class CalibrationStats:
         self.obs: GramObserver | None = None
         self.x_out: torch.Tensor | None = None
         self.chunks: dict[tuple[str, int], dict[str, list]] = {}
+        self.batches: dict[tuple[str, int, str, str], dict] = {}  # (block, chunk, part, scheme) -> GPTQ batch
 
     def _complete(self, stage: int) -> bool:
         return all(n in self.recorded for n in self.stages[stage][1] if n in self.graph.tensors)
@@ -199,7 +204,7 @@ class CalibrationStats:
                     self.x = self.stream.run_layer(layers[s], self.x)
             else:
                 self.x = self.x_out
-        self.obs, self.chunks, self.x_out = None, {}, None
+        self.obs, self.chunks, self.batches, self.x_out = None, {}, {}, None
         self.pos = s = s + 1
         name, names = self.stages[s]
         obs = GramObserver(lambda n: n in self.wanted and EXPERT.fullmatch(n) is None, capture_moe=True)
@@ -244,7 +249,8 @@ class CalibrationStats:
                 math.mlp(x[rows], f"{p}.experts.{e}")
                 math.w.clear()
             while len(self.chunks) >= 2:
-                self.chunks.pop(next(iter(self.chunks)))
+                gone = self.chunks.pop(next(iter(self.chunks)))
+                self.batches = {k: b for k, b in self.batches.items() if b["grams"] is not gone}
             trim_heap()  # the dropped chunk and what the workers freed since the last one
             self.chunks[(p, chunk)] = obs.grams
         return self.chunks[(p, chunk)]
@@ -279,6 +285,41 @@ class CalibrationStats:
             if len(entry) == 3:
                 entry.append(gptq_factor(entry[1]))
             return entry[3]
+
+    def gptq(self, name: str, w: torch.Tensor, scheme: str, min_tokens: int = MIN_TOKENS) -> QuantizedTensor:
+        """GPTQ of weight `name` (`w` `[N, K]`: its float value) on its statistics, on the stream's device. A routed
+        expert's is computed in one batch with the other experts of its chunk and part seen by >= `min_tokens`
+        tokens (quant/gptq.py `quantize_gptq_batch`, each on its own Hessian), then handed out one by one; one
+        asked again (a prefetched job that ran twice) is computed on its own."""
+        m = EXPERT.fullmatch(name)
+        entry = self._entry(name)
+        if m is not None:
+            p, e, part = m.group(1), int(m.group(2)), m.group(3)
+            key = (p, e // self.chunk, part, scheme)
+            with self.cond:
+                batch = self.batches.setdefault(key, {"lock": threading.Lock(), "out": None,
+                                                      "grams": self._expert_chunk(p, e // self.chunk)})
+            with batch["lock"]:
+                if batch["out"] is None:
+                    batch["out"] = self._gptq_batch(batch["grams"], part, scheme, min_tokens, name, w)
+                qt = batch["out"].pop(name, None)
+            if qt is not None:
+                return qt
+        return quantize_gptq(w.to(entry[1].device), entry[1], scheme, factor=self.gptq_factor(name))
+
+    def _gptq_batch(self, grams: dict[str, list], part: str, scheme: str, min_tokens: int, name: str,
+                    w: torch.Tensor) -> dict[str, QuantizedTensor]:
+        """GPTQ of every calibrated expert weight of one part in a chunk's `grams`, as one batch (`w`: the value of
+        `name`, which the caller already read; the others are read here)."""
+        names = [n for n, entry in grams.items() if n.endswith(f".{part}.weight") and n in self.wanted
+                 and entry[0] >= min_tokens]
+        dev = grams[name][1].device
+        ws = []
+        for n in names:
+            t = w if n == name else self.graph.get(n)
+            ws.append(as_float32_matrix(t.dequantize() if isinstance(t, QuantizedTensor) else t).to(dev))
+        factors = torch.stack([self.gptq_factor(n) for n in names])
+        return dict(zip(names, quantize_gptq_batch(torch.stack(ws), [grams[n][1] for n in names], scheme, factors)))
 
     def whole(self, name: str) -> bool:
         """Whether tensor `name` must be quantized whole (not in row blocks): the stream runs it."""
@@ -346,8 +387,8 @@ def quantize_calibrated(w: torch.Tensor, scheme: str, stats: CalibrationStats | 
     if found is None or found[1] is None or tokens < min_tokens:
         return quantize(w, scheme), "rtn", tokens
     h = found[1]
-    if method == "gptq":  # the factor of H^-1, shared by the weights of one input
-        qt = quantize_gptq(w.to(h.device), h, scheme, factor=stats.gptq_factor(name))
+    if method == "gptq":  # routed experts: a chunk of them at once, each with its own statistics
+        qt = stats.gptq(name, w, scheme, min_tokens)
     else:
         qt = QUANTIZERS[method](w.to(h.device), h, scheme)  # on the statistics' (the stream's) device
     return _on_cpu(qt), method, tokens

@@ -2,6 +2,7 @@
 
     quantize_gptq(w [N, K], hessian [K, K], scheme)  -> QuantizedTensor
     quantize_awmse(w [N, K], hessian [K, K], scheme) -> QuantizedTensor
+    quantize_gptq_batch(w [B, N, K], hessian [B, K, K], scheme) -> [QuantizedTensor] * B  (a chunk of experts)
 
 hessian = sum over calibration tokens of x x^T for the weight's input (per expert: over the tokens routed to it);
 its diagonal is the per-column importance (llama.cpp's imatrix is the same diagonal divided by the token count).
@@ -9,7 +10,8 @@ Both return exactly the format the scheme's round-to-nearest produces, so export
 K-quant blocks, ...). Each scheme family contributes one `Grid` (a registry keyed by `Scheme.family`):
 
     width     columns sharing one set of qparams (int4: the group; K-quants: the 256-column super-block)
-    choose    qparams of a column block `[N, width]` given the importance of its columns `[width]`
+    choose    qparams of a column block `[N, width]` given the importance of its columns (`[width]`, or `[N, width]`:
+              rows of weights with different inputs side by side, as batched GPTQ does)
               int4:    the importance-weighted MSE search over shrunk RTN scales (`search_group_params`)
               kquant:  ggml's own imatrix search (make_qkx3_quants + make_qp_quants / make_qx_quants,
                        quant/kquants.py): the grid llama.cpp would pick with this importance
@@ -25,7 +27,8 @@ factor of H^-1 (H + 1% of its mean diagonal as damping), the factor shared by we
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,61 +195,102 @@ def quantize_awmse(w: torch.Tensor, hessian: torch.Tensor, scheme: str) -> Quant
 
 
 def gptq_factor(hessian: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor U `[K, K]` float32 of (H + damping)^-1 (U^T U = H^-1), which GPTQ pushes each
-    column's error through. Float32, as in the GPTQ paper's reference code; a Hessian too ill-conditioned for that
-    (the factorisation fails) is factored in float64 instead. Columns never seen (H_kk = 0) get H_kk = 1.
+    """The upper Cholesky factor U `[..., K, K]` float32 of (H + damping)^-1 (U^T U = H^-1) for H `[..., K, K]`
+    (one Hessian or a batch of them), which GPTQ pushes each column's error through. Float32, as in the GPTQ
+    paper's reference code; a Hessian too ill-conditioned for that (the factorisation fails) is factored in float64
+    instead. Columns never seen (H_kk = 0) get H_kk = 1.
 
     One factor serves every weight fed the same input (an expert's gate and up), so calibration computes it once
     per input (quant/calibrate.py `CalibrationStats.gptq_factor`)."""
-    k = hessian.shape[0]
+    if hessian.dim() > 2:
+        return torch.stack([gptq_factor(h) for h in hessian]) if hessian.dim() > 3 else _factor_batch(hessian)
+    return _factor_batch(hessian[None])[0]
+
+
+def _factor_batch(hessian: torch.Tensor) -> torch.Tensor:
+    """`gptq_factor` of H `[B, K, K]`: the batch in float32 at once, each one that fails again in float64."""
+    k = hessian.shape[-1]
+    out = torch.empty(hessian.shape, dtype=torch.float32, device=hessian.device)
+    todo = torch.arange(hessian.shape[0], device=hessian.device)
     for dtype in (torch.float32, torch.float64):
-        h = hessian.to(dtype, copy=True)
-        dead = h.diagonal() <= 0
-        h[dead, dead] = 1.0
-        h.diagonal().add_(DAMP * h.diagonal().mean())
-        chol, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                return u.float()
+        h = hessian[todo].to(dtype, copy=True)
+        diag = h.diagonal(dim1=-2, dim2=-1)
+        diag.masked_fill_(diag <= 0, 1.0)
+        diag.add_(DAMP * diag.mean(-1, keepdim=True))
+        # U^T U = H^-1 with U upper is H = V V^T with V = U^-1 upper: J H J = (J V J)(J V J)^T with J V J lower,
+        # so V = J chol(J H J) J and U = J chol(J H J)^-1 J (J reverses the order: one Cholesky, one inverse)
+        chol, info = torch.linalg.cholesky_ex(h.flip(-2, -1))
+        eye = torch.eye(k, dtype=dtype, device=h.device).expand_as(chol)
+        u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(-2, -1)
+        ok = (info == 0) & torch.isfinite(u).flatten(1).all(-1)
+        out[todo[ok]] = u[ok].float()
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return out
     raise ValueError(f"GPTQ: the Hessian [{k}, {k}] is not positive definite even with {DAMP:.0%} damping")
 
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str,
                   factor: torch.Tensor | None = None) -> QuantizedTensor:
-    """GPTQ on the scheme's grid (chosen per block when its first column comes up). w: [N, K]; hessian [K, K];
-    `factor`: `gptq_factor(hessian)` when the caller already has it.
+    """GPTQ on the scheme's grid of one weight w `[N, K]` with its hessian `[K, K]`; `factor`: `gptq_factor(hessian)`
+    when the caller already has it. `quantize_gptq_batch` of a batch of one."""
+    w = as_float32_matrix(w)
+    return quantize_gptq_batch(w[None], hessian[None], scheme, None if factor is None else factor[None])[0]
 
-    The weights are worked on transposed (`[K, N]`: a column is a contiguous row), each column's error added onto
-    the rest of its lazy-update block as one rank-1 update in place, the block's errors onto the columns after it
-    as one matrix product."""
+
+def quantize_gptq_batch(w: torch.Tensor, hessian: torch.Tensor | Sequence[torch.Tensor], scheme: str,
+                        factor: torch.Tensor | None = None) -> list[QuantizedTensor]:
+    """GPTQ of B weights of one shape at once (a chunk of experts' gate, up or down), each on its own Hessian.
+    w: [B, N, K] (finite floats); hessian: [B, K, K] (or B tensors [K, K]); factor: `gptq_factor(hessian)`
+    `[B, K, K]` (None: computed here). Returns the B QuantizedTensors, each the same computation as `quantize_gptq`
+    of that weight alone (bit-identical on CPU, tests/test_quant_recipes.py).
+
+    The weights are worked on transposed and side by side (`[K, B*N]`: a column of every weight is one contiguous
+    row), so each column costs a few kernels for the whole batch (on a GPU the loop is launch-bound: batching is what
+    makes it fast); each column's error is added onto the rest of its lazy-update block in place, each weight's
+    through its own factor row, the block's errors onto the columns after it as one batched matrix product. Grids
+    are chosen per row, with each weight's own importance."""
     grid = grid_for(scheme)
-    n, k = w.shape
+    b, n, k = w.shape
     g = grid.width
     check_group(k, g, scheme)
-    u = gptq_factor(hessian) if factor is None else factor  # [K, K]
-    inv_diag = 1.0 / u.diagonal()
-    imp = _importance(hessian)
-    wt = as_float32_matrix(w).T.contiguous().to(u.device)  # [K, N], on the statistics' device
-    qt = torch.zeros(k, n, device=u.device)
+    u = gptq_factor(torch.stack(list(hessian))) if factor is None else factor  # [B, K, K]
+    dev = u.device
+    inv_diag = (1.0 / u.diagonal(dim1=-2, dim2=-1)).T.contiguous()  # [K, B]
+    imp = torch.stack([_importance(h) for h in hessian]).to(dev)  # [B, K]
+    wt = w.to(device=dev, dtype=torch.float32).permute(2, 0, 1).reshape(k, b * n).contiguous()  # [K, B*N]
+    wt3 = wt.view(k, b, n)
+    qt = torch.zeros(k, b * n, device=dev)
     ps = []
     block = max(GPTQ_BLOCK // g, 1) * g
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        errs = torch.zeros(b1 - b0, n, device=u.device)
+        errs = torch.zeros(b1 - b0, b, n, device=dev)
+        ut = u[:, b0:b1, b0:b1].permute(1, 2, 0).contiguous()  # [row i, column, B]: the block's factor rows
         for j0 in range(b0, b1, g):  # a grid block lies inside the lazy-update block (block is a multiple of g)
-            p = grid.choose(wt[j0:j0 + g].T, imp[j0:j0 + g])
+            rows_imp = imp[:, None, j0:j0 + g].expand(b, n, g).reshape(b * n, g)
+            p = grid.choose(wt[j0:j0 + g].T, rows_imp)  # qparams of every row of every weight
             ps.append(p)
-            step, offset = (x.T.contiguous() for x in grid.levels(p))  # [g, N]
+            step, offset = (x.T.contiguous() for x in grid.levels(p))  # [g, B*N]
             inv = torch.where(step == 0, 0.0, 1.0 / torch.where(step == 0, 1.0, step))
-            for c in range(g):  # in place, a few kernels per column (on a GPU this loop is launch-bound)
+            for c in range(g):  # in place, a few kernels per column for the whole batch
                 i = j0 + c
-                r, q, e = wt[i] - offset[c], qt[i], errs[i - b0]
+                r, q, e = wt[i] - offset[c], qt[i], errs[i - b0].view(b * n)
                 torch.mul(r, inv[c], out=q).round_().clamp_(0, grid.qmax)  # the nearest code 0..qmax
-                torch.addcmul(r, q, step[c], value=-1, out=e).mul_(inv_diag[i])  # (w - w^) / U_ii
-                wt[i + 1:b1].addr_(u[i, i + 1:b1], e, alpha=-1)
-        wt[b1:].addmm_(u[b0:b1, b1:].T, errs, alpha=-1)
-    return grid.encode(qt.T.contiguous(), ps)
+                torch.addcmul(r, q, step[c], value=-1, out=e).view(b, n).mul_(inv_diag[i, :, None])  # (w-w^)/U_ii
+                wt3[i + 1:b1].addcmul_(ut[i - b0, i + 1 - b0:, :, None], errs[i - b0][None], value=-1)
+        if b1 < k:  # wt[b1:] -= U[b0:b1, b1:]^T errs, weight by weight
+            wt3[b1:] -= torch.bmm(u[:, b0:b1, b1:].transpose(1, 2), errs.permute(1, 0, 2)).permute(1, 0, 2)
+    q_rows = qt.T  # [B*N, K]
+    return [grid.encode(q_rows[i * n:(i + 1) * n].contiguous(), [_rows(p, slice(i * n, (i + 1) * n)) for p in ps])
+            for i in range(b)]
+
+
+def _rows(p: Any, rows: slice) -> Any:
+    """Grid qparams (a tuple of tensors or a dataclass of them, each `[rows, ...]`) restricted to `rows`."""
+    if dataclasses.is_dataclass(p):
+        return dataclasses.replace(p, **{f.name: getattr(p, f.name)[rows] for f in dataclasses.fields(p)})
+    return tuple(t[rows] for t in p)
 
 
 QUANTIZERS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], QuantizedTensor]] = {

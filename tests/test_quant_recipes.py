@@ -239,6 +239,38 @@ def test_data_aware_beats_rtn_on_outlier_channels(scheme, method):
     assert aware < 0.5 * rtn, (rtn, aware)  # measured 0.22-0.37x: RTN spends the grid on quiet channels
 
 
+@pytest.mark.parametrize("scheme,k", [("int4_sym_g32", 256), ("int4_asym_g64", 256), ("q4_k", 512), ("q6_k", 256)])
+def test_batched_gptq_is_gptq_of_each_weight(scheme, k):
+    """A chunk of experts quantized at once (each on its own Hessian and factor) equals each one quantized alone:
+    bit-identical on CPU (the same float operations, batched), whatever its neighbours in the batch."""
+    from nextq.quant.gptq import gptq_factor, quantize_gptq, quantize_gptq_batch
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 40, k, generator=g) * 0.05
+    x = torch.randn(3, 400, k, generator=g) * (torch.rand(k, generator=g) * 4)
+    h = x.transpose(1, 2) @ x
+    h[1, :, 7] = h[1, 7, :] = 0  # a column expert 1 never saw
+    batch = quantize_gptq_batch(w, h, scheme)
+    for i in range(3):
+        alone = quantize_gptq(w[i], h[i], scheme, factor=gptq_factor(h[i]))
+        for f in ("data", "scales", "zero_points"):
+            if getattr(alone, f) is not None:
+                assert torch.equal(getattr(batch[i], f), getattr(alone, f)), (i, f)
+
+
+def test_gptq_factor_is_the_upper_cholesky_of_the_inverse():
+    """U^T U = (H + damping)^-1, U upper triangular (one Cholesky of the reversed H and one triangular inverse)."""
+    from nextq.quant.gptq import DAMP, gptq_factor
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    h = x.T @ x
+    u = gptq_factor(h).double()
+    damped = h + DAMP * h.diagonal().mean() * torch.eye(64, dtype=torch.float64)
+    assert torch.equal(u, u.triu())
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)  # float32 factor
+
+
 def test_calibrated_int4_is_still_q4_0(stats, ir):
     """GPTQ's output is an ordinary int4_sym_g32 tensor: gguf-py dequantizes its Q4_0 blocks to our values."""
     import gguf
@@ -247,6 +279,8 @@ def test_calibrated_int4_is_still_q4_0(stats, ir):
     name = "layers.1.ffn.experts.3.up.weight"
     qt, how, tokens = calibrate.quantize_calibrated(graph.get(name), "int4_sym_g32", stats, name, "gptq")
     assert how == "gptq" and tokens > 0
+    alone = calibrate.quantize_gptq(graph.get(name), stats.hessian(name)[1], "int4_sym_g32")
+    assert torch.equal(qt.data, alone.data) and torch.equal(qt.scales, alone.scales)  # its chunk's batch = alone
     blocks = to_gguf_q4_0_blocks(qt)
     ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0)
     np.testing.assert_array_equal(ref.reshape(qt.shape), dequantize(qt).numpy())  # bit-exact, same formula
