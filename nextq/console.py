@@ -7,10 +7,10 @@ import ctypes
 import gc
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -56,14 +56,79 @@ def peak_rss_reset() -> bool:
 
 def peak_rss() -> int | None:
     """This process's peak resident set size in bytes since the last reset (VmHWM), None where unknown."""
+    return _status_bytes("VmHWM:")
+
+
+def rss() -> int | None:
+    """This process's resident set size in bytes now (VmRSS), None where unknown."""
+    return _status_bytes("VmRSS:")
+
+
+def _status_bytes(field_name: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field_name):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def run_isolated(fn: Callable[..., T], *args: Any) -> tuple[T, int | None, int | None]:
+    """(fn(*args), the process's peak RSS, its peak GPU memory: bytes, None where unknown), fn run in a fresh
+    process (spawned: it inherits none of this one's heap, mapped files or CUDA context). fn and args must be
+    picklable (a top-level function, paths, plain data); its exception is raised here (one that cannot be pickled
+    as a NextqError with its text), and a process that dies without a result (killed, e.g. out of memory) is a
+    NextqError naming its exit code."""
+    import multiprocessing
+
+    from .errors import NextqError
+
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated_main, args=(send, fn, args), name=f"nextq {fn.__name__}")
+    proc.start()
+    send.close()
+    try:
+        try:
+            ok, value, peak, gpu = recv.recv()
+        except EOFError:
+            proc.join()
+            raise NextqError(f"{fn.__name__}: its process exited with code {proc.exitcode} and no result (killed? "
+                             "a negative code is the signal)") from None
+        proc.join()
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+    if not ok:
+        raise value
+    return value, peak, gpu
+
+
+def _isolated_main(conn, fn: Callable[..., Any], args: tuple) -> None:
+    """The body of `run_isolated`'s process: run, send (ok, value or exception, peak RSS, peak GPU memory)."""
+    import pickle
+    import traceback
+
+    import torch
+
+    from .errors import NextqError
+
+    try:
+        ok, value = True, fn(*args)
+    except BaseException as e:  # handed to the parent, which raises it
+        ok, value = False, e
+        if not isinstance(e, NextqError):
+            console.print(traceback.format_exc(), markup=False, highlight=False)
+        try:
+            pickle.dumps(e)
+        except Exception:
+            value = NextqError(f"{type(e).__name__}: {e}")
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
+    conn.send((ok, value, peak_rss(), gpu))
+    conn.close()
 
 
 @dataclass
@@ -100,8 +165,9 @@ class StepLog:
             yield s
         finally:
             s.wall_s = time.perf_counter() - t0
-            s.peak_rss = peak_rss() if known else None
-            s.gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
+            if s.peak_rss is None:  # else the step ran in a process of its own, which measured it
+                s.peak_rss = peak_rss() if known else None
+                s.gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else None
             self.steps.append(s)
             console.print(f"step {name}: {s.wall_s:.1f} s ({s.wall_s / self.layers:.1f} s / layer), peak RSS "
                           f"{_gib(s.peak_rss) or '?'} GiB" + (f", GPU peak {_gib(s.gpu_peak)} GiB" if s.gpu_peak else ""))

@@ -15,8 +15,11 @@ Steps of kind "nextq" (convert, quantize, export, validating the quantized IR: b
 memory bounded by one layer; steps of kind "engine" hold their artifact: the torch backend running the quantized IR
 (tokens/s), llama.cpp and ONNX Runtime validating their file. llama.cpp cannot allocate the KV cache of a model
 without an attention layer (fewer than 4 layers of Qwen3-Next): the GGUF is then exported but not validated, and
-both tables say so; an engine that is not installed is skipped the same way. Peak RSS is this process's high-water
-mark reset at each step's start (Linux; blank where unknown), GPU peak torch's max_memory_allocated.
+both tables say so; an engine that is not installed is skipped the same way. On a source of more than 1 GiB of
+weights (or with --isolate-steps) every step runs in a fresh process of its own (spawned), so that nothing a step
+leaves behind (heap the allocator keeps, pages of mapped files, an engine's session) is held during the next; its
+peak RSS is then that process's high-water mark plus what the pipeline's own process holds, else this process's
+high-water mark reset at each step's start (Linux; blank where unknown); GPU peak is torch's max_memory_allocated.
 
 The reference is the original checkpoint: run by transformers when it fits (see nextq.validate.compare), else by
 nextq's layer-streamed executor; its logits are computed once and cached, so every artifact is compared on the
@@ -33,16 +36,21 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import numpy as np
 from rich.table import Table
 
-from .console import StepLog, console, out, progress_iter
+from .console import Step, StepLog, console, out, progress_iter, rss, run_isolated
+from .errors import NextqError
 from .graph import GatedAttention, Graph, Layer, atomic_output_dir, expected_tensors
 from .targets import EXPORT_TARGETS
+
+T = TypeVar("T")
 
 PROMPT = "def fibonacci(n):\n"
 
@@ -118,8 +126,8 @@ def quantize_ir(graph: Graph, recipe: str, out: Path, *, calib_tokens: int = 819
     return quantize_graph(graph, rec, out, stats=stats, progress=lambda xs: progress_iter(xs, f"quantizing ({recipe})"))
 
 
-def generation_speed(model, ids, tokenizer, max_new_tokens: int) -> tuple[float, str]:
-    """(tokens/s of greedy generation from ids [1, T], prefill included; the generated text).
+def generation_speed(model, ids: np.ndarray, max_new_tokens: int) -> tuple[float, list[int]]:
+    """(tokens/s of greedy generation from ids [1, T], prefill included; the generated token ids).
 
     Token ids, not text: a .gguf's backend may have no tokenizer files beside it; the original's tokenizer decodes.
     """
@@ -127,7 +135,85 @@ def generation_speed(model, ids, tokenizer, max_new_tokens: int) -> tuple[float,
     t0 = time.perf_counter()
     new = model.generate(ids, max_new_tokens=max_new_tokens)
     dt = time.perf_counter() - t0
-    return new.shape[1] / dt, tokenizer.decode(new[0], skip_special_tokens=True) if tokenizer is not None else ""
+    return new.shape[1] / dt, [int(t) for t in new[0]]
+
+
+# ---- the steps: top-level functions of picklable arguments, so that each can run in a process of its own ----------
+
+
+def convert_step(original: Path, out: Path) -> None:
+    from .convert.cli import convert
+
+    convert(str(original), out)
+
+
+def quantize_step(source: Path, from_ir: bool, recipe: str, out: Path, calib_tokens: int, device: str,
+                  tokenizer_dir: Path) -> dict:
+    """Quantize the converted IR `source` (from_ir) or the checkpoint `source` straight from its shards (read
+    lazily, their sha256 in the provenance); returns the quantization report."""
+    from .convert.hf import read_hf
+    from .validate.compare import shard_sha256
+
+    if from_ir:
+        graph = Graph.load(source)
+    else:
+        graph = read_hf(str(source), hash_shards=False)  # lazy
+        graph.provenance["shards"] = {n: shard_sha256(source / n) for n in graph.provenance["shards"]}
+    return quantize_ir(graph, recipe, out, calib_tokens=calib_tokens, device=device, tokenizer_dir=tokenizer_dir)
+
+
+def export_step(fmt: str, quantized: Path, out: Path) -> str:
+    """Export the quantized IR as `fmt`; returns the note naming what became which type."""
+    qgraph = Graph.load(quantized)
+    kwargs, note = EXPORT_OPTIONS.get(fmt, lambda g: ({}, ""))(qgraph)
+    EXPORTERS[fmt].load(fmt)(qgraph, out, **kwargs)
+    return note
+
+
+def validate_step(candidate: Path, original: Path, validation: dict, layer_reference: Path | None) -> dict:
+    """The quantized IR against the original, both layer-streamed (bounded memory)."""
+    from .validate.cli import validate
+
+    return validate(candidate, original, layer_reference=layer_reference, **validation)
+
+
+def speed_step(path: Path, backend: str | None, device: str, ids: np.ndarray, max_new_tokens: int
+               ) -> tuple[float, list[int]]:
+    """Generation speed of `path` in `backend` (the whole model in memory)."""
+    from nextq import load
+
+    return generation_speed(load(path, backend=backend, device=device), ids, max_new_tokens)
+
+
+def engine_step(path: Path, backend: str, original: Path, validation: dict, ids: np.ndarray, max_new_tokens: int
+                ) -> tuple[dict, str, float, list[int]] | str:
+    """An artifact validated inside its own engine, then its generation speed: (report, backend name, tokens/s,
+    generated ids), or the name of the module its engine needs when that is not installed."""
+    from .validate.cli import validate
+    from .validate.compare import EngineLogits
+
+    try:
+        engine = EngineLogits(path, backend)
+    except ModuleNotFoundError as e:
+        return str(e.name)
+    doc = validate(path, original, candidate_source=engine, **validation)
+    return (doc, engine.model.name, *generation_speed(engine.model, ids, max_new_tokens))
+
+
+ISOLATE_BYTES = 1 << 30  # sources with more weight bytes than this run each step in a process of its own
+
+
+def call_step(step: Step, isolate: bool, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) for `step`: here, or (isolate) in a fresh process whose peak RSS and GPU memory become the
+    step's (plus what this process holds): nothing an earlier step left in this process's heap, mapped files or
+    CUDA context counts against the next, and a step's own garbage goes with its process."""
+    if not isolate:
+        return fn(*args)
+    value, peak, gpu = run_isolated(fn, *args)
+    own = rss()
+    step.peak_rss = None if peak is None else peak + (own or 0)
+    step.gpu_peak = gpu
+    return value
 
 
 def summary_table(rows: list[dict]) -> Table:
@@ -199,14 +285,18 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 @click.option("--prompt", default=PROMPT, show_default=True, help="Prompt for the generation-speed check.")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--isolate-steps/--in-process", "isolate", default=None,
+              help="Run each step in a process of its own (default: when SOURCE holds over 1 GiB of weights), so "
+                   "that no step's memory outlives it.")
 @click.option("--publish", "publish_id", metavar="REPO_ID",
               help="Last step: publish OUTPUT (quantized IR, exports, reports, model card) to this Hub repo.")
 def pipeline_cmd(source, output, recipe, formats, revision, calib_tokens, device, save_original, corpora, window,
-                 max_windows, prompt, max_new_tokens, force, publish_id):
+                 max_windows, prompt, max_new_tokens, force, isolate, publish_id):
     """Run the whole job on SOURCE (default: the embedded tiny trained model)."""
     rows = run_pipeline(source, output, recipe=recipe, formats=formats, revision=revision, calib_tokens=calib_tokens,
                         device=device, save_original=save_original, corpora=corpora, window=window,
-                        max_windows=max_windows or None, prompt=prompt, max_new_tokens=max_new_tokens, force=force)
+                        max_windows=max_windows or None, prompt=prompt, max_new_tokens=max_new_tokens, force=force,
+                        isolate=isolate)
     out.print(summary_table(rows))
     for r in rows:
         if r.get("note"):
@@ -225,73 +315,71 @@ def has_attention(graph: Graph) -> bool:
 def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", formats: list[str] = ("gguf", "onnx"),
                  revision: str | None = None, calib_tokens: int = 8192, device: str = "cpu",
                  save_original: bool = True, corpora=(), window: int = 256, max_windows: int | None = 16,
-                 prompt: str = PROMPT, max_new_tokens: int = 32, force: bool = False) -> list[dict]:
+                 prompt: str = PROMPT, max_new_tokens: int = 32, force: bool = False,
+                 isolate: bool | None = None) -> list[dict]:
     """The library form of `nextq pipeline`; returns the summary rows (also in OUTPUT/summary.json, with the
-    per-step table under "steps")."""
-    from nextq import load
-
-    from .convert.cli import convert
+    per-step table under "steps"). `isolate`: run each step in a process of its own (None: when the source holds
+    more than ISOLATE_BYTES of weights)."""
     from .convert.hf import read_hf, resolve_source
     from .quant.recipes import get_recipe
     from .runtime.backends import load_tokenizer
-    from .validate.cli import validate
-    from .validate.compare import EngineLogits, default_backend, shard_sha256
+    from .validate.compare import default_backend
     from .validate.report import Thresholds, write_report
 
     source = source or str(embedded_model())
     get_recipe(recipe)  # fail on a bad recipe before any work
-    exporters = {fmt: EXPORTERS[fmt].load(fmt) for fmt in formats}  # ... and on a missing exporter
+    for fmt in formats:  # ... and on a missing exporter
+        EXPORTERS[fmt].load(fmt)
     original, _ = resolve_source(source, revision)  # the local checkpoint directory (a Hub repo id: downloaded)
-    console.rule(f"nextq pipeline: {source} (recipe {recipe}, formats {', '.join(formats) or 'none'}, {device})")
+    if isolate is None:
+        isolate = disk_size(original, weights_only=True) > ISOLATE_BYTES
+    console.rule(f"nextq pipeline: {source} (recipe {recipe}, formats {', '.join(formats) or 'none'}, {device}"
+                 f"{', each step in its own process' if isolate else ''})")
     log = StepLog()
     with atomic_output_dir(output, force) as tmp:
         if save_original:
-            with log.step("convert"):
-                convert(str(original), tmp / "ir")
-            graph = Graph.load(tmp / "ir")
-        else:
-            graph = read_hf(str(original), hash_shards=False)  # lazy
-            graph.provenance["shards"] = {n: shard_sha256(original / n) for n in graph.provenance["shards"]}
-        log.layers = graph.config.num_hidden_layers
-        params = sum(math.prod(s.shape) for s in expected_tensors(graph.config).values())
+            with log.step("convert") as step:
+                call_step(step, isolate, convert_step, original, tmp / "ir")
+        config = (Graph.load(tmp / "ir") if save_original else read_hf(str(original), hash_shards=False)).config
+        log.layers = config.num_hidden_layers
+        params = sum(math.prod(s.shape) for s in expected_tensors(config).values())
         validation = dict(corpora=corpora, window=window, max_windows=max_windows, thresholds=Thresholds(),
                           device=device)
 
         with log.step("quantize") as step:
-            qreport = quantize_ir(graph, recipe, tmp / "quantized", calib_tokens=calib_tokens, device=device,
-                                  tokenizer_dir=original)
+            qreport = call_step(step, isolate, quantize_step, tmp / "ir" if save_original else original,
+                                save_original, recipe, tmp / "quantized", calib_tokens, device, original)
             step.note = f"recipe {recipe}, " + (f"{qreport['calibration']['calibration_tokens']} calibration tokens"
                                                 if qreport.get("calibration") else "round to nearest")
-        qgraph = Graph.load(tmp / "quantized")
         export_notes: dict[str, str] = {}
-        for fmt, export in exporters.items():
+        for fmt in formats:
             with log.step(f"export {fmt}") as step:
-                kwargs, step.note = EXPORT_OPTIONS.get(fmt, lambda g: ({}, ""))(qgraph)
-                export(qgraph, tmp / EXPORTERS[fmt].artifact, **kwargs)
+                step.note = call_step(step, isolate, export_step, fmt, tmp / "quantized",
+                                      tmp / EXPORTERS[fmt].artifact)
                 export_notes[fmt] = step.note
+        attention = has_attention(Graph.load(tmp / "quantized"))
 
         (tmp / "reports").mkdir()
-        ids = tok = None
+        tok = load_tokenizer(original)
+        if tok is None:
+            raise NextqError(f"{original}: no tokenizer files (tokenizer.json or vocab.json); the pipeline's "
+                             "generation check needs one")
+        ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
         rows = [{"format": "original", "backend": default_backend(original), "path": str(source),
                  "size_bytes": disk_size(original), "weight_bytes": disk_size(original, True), "ppl": None,
                  "ppl_increase": None, "kld_mean": None, "top1": None, "tokens_per_s": None, "passed": None,
                  "text": ""}]
 
-        def add_row(fmt: str, path: Path, doc: dict | None, model, note: str = "") -> None:
-            nonlocal ids, tok
+        def add_row(fmt: str, path: Path, doc: dict | None, backend: str = "",
+                    speed: tuple[float, list[int]] | None = None, note: str = "") -> None:
             m = (doc or {}).get("metrics") or {}
-            speed, text = None, ""
-            if model is not None:
-                if ids is None:
-                    tok = model.tokenizer or load_tokenizer(original)
-                    ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
-                speed, text = generation_speed(model, ids, tok, max_new_tokens)
-            rows.append({"format": fmt if fmt != "ir" else f"ir ({recipe})", "backend": model.name if model else "",
+            rows.append({"format": fmt if fmt != "ir" else f"ir ({recipe})", "backend": backend,
                          "path": str(output / path.relative_to(tmp)), "size_bytes": disk_size(path),
                          "weight_bytes": disk_size(path, True), "ppl": m.get("ppl_candidate"),
                          "ppl_increase": m.get("ppl_increase"), "kld_mean": m.get("kld_mean"),
-                         "top1": m.get("top1"), "tokens_per_s": speed,
-                         "passed": doc["passed"] if doc else None, "text": text,
+                         "top1": m.get("top1"), "tokens_per_s": speed[0] if speed else None,
+                         "passed": doc["passed"] if doc else None,
+                         "text": tok.decode(speed[1], skip_special_tokens=True) if speed else "",
                          "worst_layer": ((doc or {}).get("layers") or {}).get("worst_layer"),
                          "note": "; ".join(x for x in (export_notes.get(fmt), note) if x)})
 
@@ -302,39 +390,41 @@ def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", form
             return doc
 
         with log.step("validate ir", "nextq") as step:  # layer-streamed: bounded memory
-            doc = report("ir", validate(tmp / "quantized", original, layer_reference=tmp / "ir" if save_original
-                                        else None, **validation), tmp / "quantized")
+            doc = report("ir", call_step(step, isolate, validate_step, tmp / "quantized", original, validation,
+                                         tmp / "ir" if save_original else None), tmp / "quantized")
             step.note = f"streamed, reference {doc['reference']['backend']}"
-        with log.step("run ir (torch)", "engine"):  # the torch backend holds the IR (packed)
-            add_row("ir", tmp / "quantized", doc, load(tmp / "quantized", backend="torch", device=device))
-        for fmt in exporters:
+        with log.step("run ir (torch)", "engine") as step:  # the torch backend holds the IR (packed)
+            add_row("ir", tmp / "quantized", doc, "torch",
+                    call_step(step, isolate, speed_step, tmp / "quantized", "torch", device, ids, max_new_tokens))
+        for fmt in formats:
             path = tmp / EXPORTERS[fmt].artifact
-            if EXPORTERS[fmt].backend == "llama.cpp" and not has_attention(qgraph):
+            if EXPORTERS[fmt].backend == "llama.cpp" and not attention:
                 reason = "llama.cpp cannot allocate the KV cache of a model without an attention layer"
                 log.skip(f"validate {fmt}", "engine", reason)
-                add_row(fmt, path, None, None, f"not validated: {reason}")
+                add_row(fmt, path, None, note=f"not validated: {reason}")
                 continue
             with log.step(f"validate {fmt}", "engine") as step:  # the engine holds the artifact
-                try:
-                    engine = EngineLogits(path, EXPORTERS[fmt].backend)
-                except ModuleNotFoundError as e:
-                    step.note = f"skipped: its engine needs {e.name!r}, which is not installed"
-                    add_row(fmt, path, None, None, f"not validated: {step.note[9:]}")
+                got = call_step(step, isolate, engine_step, path, EXPORTERS[fmt].backend, original, validation,
+                                ids, max_new_tokens)
+                if isinstance(got, str):
+                    step.note = f"skipped: its engine needs {got!r}, which is not installed"
+                    add_row(fmt, path, None, note=f"not validated: {step.note[9:]}")
                     continue
-                doc = report(fmt, validate(path, original, candidate_source=engine, **validation), path)
-                add_row(fmt, path, doc, engine.model)
-        if rows[0]["backend"] == "transformers" and not has_attention(qgraph):
+                doc, backend, *speed = got
+                add_row(fmt, path, report(fmt, doc, path), backend, tuple(speed))
+        if rows[0]["backend"] == "transformers" and not attention:
             log.skip("run original (transformers)", "engine", "transformers' cache cannot decode a model without an "
                                                               "attention layer")
         elif rows[0]["backend"] == "transformers":  # the original's speed, where it fits in memory
-            with log.step("run original (transformers)", "engine"):
-                model = load(original)
-                rows[0]["tokens_per_s"], rows[0]["text"] = generation_speed(model, ids, tok, max_new_tokens)
+            with log.step("run original (transformers)", "engine") as step:
+                rows[0]["tokens_per_s"], new = call_step(step, isolate, speed_step, original, None, device, ids,
+                                                         max_new_tokens)
+                rows[0]["text"] = tok.decode(new, skip_special_tokens=True)
         for r in rows:
             r["bits_per_weight"] = 8 * r["weight_bytes"] / params
         summary = {"source": source, "recipe": recipe, "formats": list(formats), "params": params,
-                   "device": device, "quantization": {k: qreport.get(k) for k in ("bits_per_weight", "bytes",
-                                                                                   "params")},
+                   "device": device, "isolated_steps": isolate,
+                   "quantization": {k: qreport.get(k) for k in ("bits_per_weight", "bytes", "params")},
                    "steps": log.to_json(), "layers": log.layers, "prompt": prompt, "rows": rows}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         notes = "".join(f"\n{r['format']}: {r['note']}\n" for r in rows if r.get("note"))

@@ -5,7 +5,10 @@ bad input (a source whose shards changed since conversion)."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from nextq.cli import main
+from nextq.errors import CheckpointError, NextqError
 from conftest import build_checkpoint
 from test_validate import _with_tokenizer
 
@@ -117,13 +121,15 @@ def test_source_changed_since_conversion_is_an_error(tiny, tmp_path):
 
 def test_pipeline_without_attention_skips_gguf_validation(tmp_path):
     """llama.cpp cannot allocate a model without an attention layer: the GGUF is exported, its validation is
-    skipped with the reason in both tables, and the step table has every step."""
+    skipped with the reason in both tables, and the step table has every step. Each step in a process of its own
+    (as on a large source): each measured there."""
     hf = _with_tokenizer(build_checkpoint(tmp_path / "hf", "base", vocab_size=2048, num_hidden_layers=2,
                                           layer_types=["linear_attention"] * 2, moe_intermediate_size=32,
                                           shared_expert_intermediate_size=32))
     out = tmp_path / "run"
     code, text = _run(["pipeline", str(hf), "-o", str(out), "--window", "64", "--max-windows", "2",
-                       "--max-new-tokens", "2", "--calib-tokens", "512"], env={"NEXTQ_CACHE": str(tmp_path / "c")})
+                       "--max-new-tokens", "2", "--calib-tokens", "512", "--isolate-steps"],
+                      env={"NEXTQ_CACHE": str(tmp_path / "c")})
     assert code == 0, text
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["format"]: r for r in summary["rows"]}
@@ -136,10 +142,28 @@ def test_pipeline_without_attention_skips_gguf_validation(tmp_path):
     assert steps["validate gguf"]["note"].startswith("skipped: llama.cpp cannot allocate")
     assert steps["run original (transformers)"]["note"].startswith("skipped: transformers' cache")
     ran = [s for s in steps.values() if not s["note"].startswith("skipped")]
-    assert len(ran) == 7 and all(s["wall_s"] > 0 for s in ran)
+    assert len(ran) == 7 and all(s["wall_s"] > 0 for s in ran) and summary["isolated_steps"]
     if Path("/proc/self/clear_refs").exists():
         assert all(s["peak_rss"] > 0 for s in ran)
     reason = "llama.cpp cannot allocate the KV cache of a model without an attention layer"
     assert f"gguf: not validated: {reason}" in text and "s / layer" in text
     md = (out / "summary.md").read_text()
     assert "| validate gguf | engine |" in md and f"skipped: {reason}" in md
+
+
+def _fails(kind: str) -> None:
+    if kind == "error":
+        raise CheckpointError("model.safetensors: field 'x': expected 1, got 2")
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+
+
+def test_isolated_steps_report_errors_and_deaths():
+    """A step's error in its own process is raised here as it was; a process that dies is one clear error."""
+    from nextq.console import run_isolated
+
+    value, peak, gpu = run_isolated(math.prod, (2, 3, 7))
+    assert value == 42 and (peak is None or peak > 0) and gpu is None
+    with pytest.raises(CheckpointError, match="expected 1, got 2"):
+        run_isolated(_fails, "error")
+    with pytest.raises(NextqError, match="_fails: its process exited with code -9 and no result"):
+        run_isolated(_fails, "kill")
