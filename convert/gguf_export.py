@@ -11,8 +11,9 @@ f32|f16|bf16|q8_0|q6_k|q5_1|q5_k|q5_0|q4_1|q4_k|q4_0|q3_k. Quantized IR weights 
 (the scheme registry's `gguf`), copied bit for bit (K-quants and Q5_0/Q5_1 are stored as GGUF blocks in the IR):
     int4_sym_g32 -> Q4_0    int4_asym_g32 -> Q4_1    int8_g32 -> Q8_0    (f32/f16/bf16 pass-through -> same)
 Other schemes are re-quantized to the nearest GGUF type (int4 g64/g128 -> Q4_0/Q4_1, int8_channel -> Q8_0) with a
-printed warning giving the measured extra error; fp8 has no GGUF type and is refused unless `--requantize q8_0`
-or `--requantize bf16` is given. Norms, the router, the shared-expert gate, the conv kernel and 1-D tensors are
+printed warning giving the measured extra error; fp8 has neither and is refused unless `--fallback q8_0|bf16` (only
+the schemes without a GGUF type, what `nextq pipeline` writes) or `--requantize T` (every quantized weight without
+an identical type, the nearest-type ones too) is given. Norms, the router, the shared-expert gate, the conv kernel and 1-D tensors are
 always F32 (llama.cpp's converter rule).
 """
 
@@ -105,14 +106,15 @@ class GGUFOptions:
     """Export options (the click flags, one to one)."""
 
     type: str = "auto"  # dense weights: auto or one of GGML_TYPES
-    requantize: str | None = None  # force quantized IR weights to this GGUF type (measured error printed)
+    # every quantized IR weight without an identical GGUF type (nearest-type ones included) -> this type
+    requantize: str | None = None
     # quantized IR weights of a scheme with neither a GGUF type nor a nearest one (fp8) -> this type; others as usual
     fallback: str | None = None
 
     def __post_init__(self):
         if self.type not in ("auto", *GGML_TYPES):
             raise UnsupportedModelError(f"--type {self.type!r}: supported: auto, {', '.join(GGML_TYPES)}")
-        for opt, v in (("--requantize", self.requantize), ("fallback", self.fallback)):
+        for opt, v in (("--requantize", self.requantize), ("--fallback", self.fallback)):
             if v is not None and v not in GGML_TYPES:
                 raise UnsupportedModelError(f"{opt} {v!r}: supported: {', '.join(GGML_TYPES)}")
 
@@ -146,8 +148,9 @@ def source_type(name: str, kind: tuple[str, str], opts: GGUFOptions) -> str:
         return opts.fallback
     if x in SCHEMES:
         raise UnsupportedModelError(
-            f"{name}: scheme {x}: {SCHEMES[x].why_not('gguf')}; re-export with --requantize q8_0 "
-            "(8.5 bits/weight, the extra error is measured and printed) or --requantize bf16 (16 bits/weight)")
+            f"{name}: scheme {x}: {SCHEMES[x].why_not('gguf')}; re-export with --fallback q8_0 "
+            "(8.5 bits/weight, the extra error is measured and printed) or --fallback bf16 (16 bits/weight): only "
+            "the weights GGUF has no type for; --requantize T re-quantizes every weight without an identical type")
     raise UnsupportedModelError(f"{name}: quantization scheme {x!r} has no GGUF mapping; supported: "
                                 f"{sorted(NATIVE) + sorted(NEAREST)}")
 
@@ -529,17 +532,21 @@ def export_gguf(graph: Graph, out: str | Path, opts: GGUFOptions = GGUFOptions()
 @click.option("--type", "type_", type=click.Choice(["auto", *GGML_TYPES]), default="auto", show_default=True,
               help="GGUF type of dense weights; auto keeps each weight's IR dtype.")
 @click.option("--requantize", type=click.Choice(GGML_TYPES),
-              help="Re-quantize quantized IR weights without an identical GGUF type to this type (the extra "
-                   "error is measured and printed); needed for fp8, which GGUF cannot hold.")
+              help="Re-quantize every quantized IR weight without an identical GGUF type to this type, those with a "
+                   "nearest type (int4 g64/g128, int8 per channel) included (the extra error is measured and "
+                   "printed).")
+@click.option("--fallback", type=click.Choice(GGML_TYPES),
+              help="Type of the quantized IR weights GGUF has no type for (fp8); every other weight is copied or "
+                   "goes to its nearest type as without the flag (what `nextq pipeline` does with q8_0).")
 @click.option("--mtp-only", is_flag=True,
               help="Write only the MTP draft model (embeddings, output norm, LM head, nextn block), as llama.cpp's "
                    "converter does with --mtp: the draft for llama.cpp's --spec-type draft-mtp.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def gguf_cmd(ir, output, type_, requantize, mtp_only, force):
+def gguf_cmd(ir, output, type_, requantize, fallback, mtp_only, force):
     """Export an IR directory as a GGUF file for llama.cpp (architecture qwen3next, qwen35moe or qwen35, from the
     IR's family). The file includes the MTP head's nextn block, as llama.cpp's converter writes by default."""
     graph = Graph.load(ir)
-    counts = export_gguf(graph, output, GGUFOptions(type_, requantize), force=force, progress=True,
+    counts = export_gguf(graph, output, GGUFOptions(type_, requantize, fallback), force=force, progress=True,
                          mtp_only=mtp_only)
     summary = ", ".join(f"{n} {t.upper()}" for t, n in sorted(counts.items()))
     console.print(f"[green]wrote[/] {output}: {sum(counts.values())} tensors ({summary}), "

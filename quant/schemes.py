@@ -96,7 +96,7 @@ def dequantize_float(qt: QuantizedTensor) -> torch.Tensor:
     return qt.data.to(torch.float32)
 
 
-NO_FP8_GGUF = (("gguf", "GGUF has no fp8 type (export with --requantize q8_0 or bf16)"),)
+NO_FP8_GGUF = (("gguf", "GGUF has no fp8 type (export with --fallback q8_0 or bf16)"),)
 GPU_DEQUANT = "dequant"  # runtime/gpu.py: no packed kernel, experts dequantized to the compute dtype at load
 GPU_NOTES = {GPU_DEQUANT: "no packed GPU kernel (the MoE kernels take int4_sym, fp8 and float experts): these experts "
                           "are dequantized exactly and cast to the compute dtype at load, 16 bits/weight on the device "

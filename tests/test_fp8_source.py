@@ -189,7 +189,7 @@ def test_gguf_equals_llama_cpp_converter_on_the_fp8_checkpoint(ckpts, llama_conv
 
 def test_fp8_ir_refuses_gguf_without_requantize(ckpts, tmp_path):
     r = CliRunner().invoke(main, ["export", "gguf", str(ckpts["ir"]), "-o", str(tmp_path / "m.gguf")])
-    assert r.exit_code != 0 and "--requantize" in r.output and not (tmp_path / "m.gguf").exists()
+    assert r.exit_code != 0 and "--fallback" in r.output and not (tmp_path / "m.gguf").exists()
 
 
 # ---- bad checkpoints: one error line, non-zero exit, nothing written ------------------------------------------

@@ -24,7 +24,7 @@ import qwen_tokenizer  # noqa: E402  (scripts/qwen_tokenizer.py: the real Qwen v
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from nextq.convert.gguf_export import GGUFOptions, decode, export_gguf, plan  # noqa: E402
+from nextq.convert.gguf_export import GGUFOptions, decode, describe, export_gguf, plan  # noqa: E402
 from nextq.convert.gguf_import import read_gguf  # noqa: E402
 from nextq.errors import NextqError, UnsupportedModelError  # noqa: E402
 from nextq.graph import Graph  # noqa: E402
@@ -119,13 +119,13 @@ def test_refuses_existing_output_without_force(models, tmp_path):
         export_gguf(Graph.load(ir), gg)
 
 
-def _quantized_ir(ir: Path, out: Path, shared_scheme: str) -> Path:
+def _quantized_ir(ir: Path, out: Path, shared_scheme: str, experts: str = "int4_sym_g32") -> Path:
     def q(t, scheme, g=32):
         return quantize(t, scheme) if t.dim() == 2 and t.shape[1] % g == 0 else t
 
     def cast(name, t):
         if ".experts." in name:
-            return q(t, "int4_sym_g32")
+            return q(t, experts)
         if name.endswith("mixer.out.weight"):
             return q(t, "int4_asym_g32")
         if ".mixer." in name and "conv" not in name:
@@ -168,7 +168,7 @@ def test_fp8_is_refused_then_requantized_with_measured_error(models, tmp_path, c
 
     _, ir, _ = models["base"]
     graph = Graph.load(_quantized_ir(ir, tmp_path / "ir-fp8", "fp8_channel"))
-    with pytest.raises(UnsupportedModelError, match="no fp8 type.*--requantize q8_0.*bf16"):
+    with pytest.raises(UnsupportedModelError, match="no fp8 type.*--fallback q8_0.*bf16"):
         export_gguf(graph, tmp_path / "a.gguf")
     with console.capture() as cap:
         export_gguf(graph, tmp_path / "b.gguf", GGUFOptions(requantize="q8_0"))
@@ -177,6 +177,29 @@ def test_fp8_is_refused_then_requantized_with_measured_error(models, tmp_path, c
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors}
     assert types["blk.0.ffn_gate_shexp.weight"] == "Q8_0"
     assert types["blk.0.ffn_gate_exps.weight"] == "Q4_0"  # natively mapped tensors are left alone
+
+
+def test_fallback_touches_only_what_gguf_cannot_hold(models, tmp_path):
+    """An fp8 shared expert beside int8-per-channel experts (no identical GGUF type, nearest Q8_0; the fixture's
+    32-wide rows leave int4 g64 no room, the rule is the same): `--fallback bf16` writes only the fp8 tensors as
+    BF16, as `nextq pipeline` does with Q8_0; `--requantize bf16` re-quantizes the experts too, as its help says."""
+    from click.testing import CliRunner
+
+    from nextq.cli import main
+
+    _, ir, _ = models["base"]
+    qir = _quantized_ir(ir, tmp_path / "ir-fp8-int8", "fp8_channel", experts="int8_channel")
+    assert {"int8_channel", "fp8_channel"} <= {describe(t)[1] for t in Graph.load(qir).tensors.values()}
+    types = {}
+    for flag in ("--fallback", "--requantize"):
+        out = tmp_path / f"{flag[2:]}.gguf"
+        r = CliRunner().invoke(main, ["export", "gguf", str(qir), "-o", str(out), flag, "bf16"])
+        assert r.exit_code == 0, r.output
+        types[flag] = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["--fallback"]["blk.0.ffn_gate_shexp.weight"] == "BF16"
+    assert types["--fallback"]["blk.0.ffn_gate_exps.weight"] == "Q8_0"  # its nearest type, as without the flag
+    assert types["--requantize"]["blk.0.ffn_gate_shexp.weight"] == "BF16"
+    assert types["--requantize"]["blk.0.ffn_gate_exps.weight"] == "BF16"
 
 
 def test_float_types(models, tmp_path):
