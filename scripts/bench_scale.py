@@ -23,7 +23,8 @@ subprocess whose whole process tree is polled for resident memory (the sum of Vm
     pipeline      nextq pipeline SRC -o P --window 512 --max-windows 8         (its own per-step table is kept)
 
 Targets (issue 13): every nextq step <= 6 GiB and flat in N (max / min over N <= 1.1); each engine <= its artifact's
-size + 1.5 GiB; the torch backend on the N = 4 int4 IR <= 1.3 x the IR's size on disk + 1 GiB. A drift gate that
+size + 1.5 GiB; the torch backend on the N = 4 int4 IR <= 1.3 x the IR's size on disk + 1 GiB; the same for each
+step of the pipeline (its own step table; on a source over 1 GiB each step is a process of its own). A drift gate that
 fails (exit 1 of `nextq validate`) is not an error here: random weights are not a trained model. Each N's files are
 removed before the next N; the disk must hold the source, the step outputs (about the source again) at once.
 """
@@ -170,7 +171,9 @@ def checks(results: list[dict]) -> list[dict]:
             if "peak_rss_gib" not in s:
                 continue
             peak = s["peak_rss_gib"] * GIB
-            if name in NEXTQ_STEPS or name == "pipeline":
+            if name == "pipeline":  # its steps are checked one by one below
+                continue
+            if name in NEXTQ_STEPS:
                 limit, what = STEP_LIMIT, f"N={r['layers']} {name} peak <= 6 GiB"
             elif name == "engine_torch":
                 limit = TORCH_FACTOR * s["artifact_bytes"] + TORCH_MARGIN
@@ -179,6 +182,7 @@ def checks(results: list[dict]) -> list[dict]:
                 limit = s["artifact_bytes"] + ENGINE_MARGIN
                 what = f"N={r['layers']} {name} peak <= artifact ({s['artifact_bytes'] / GIB:.2f} GiB) + 1.5 GiB"
             rows.append({"target": what, "value": peak / GIB, "limit": limit / GIB, "ok": peak <= limit})
+        rows.extend(pipeline_checks(r))
     if len(results) > 1:
         for name in (*NEXTQ_STEPS, "pipeline"):
             peaks = [r["steps"][name]["peak_rss_gib"] for r in results if "peak_rss_gib" in r["steps"].get(name, {})]
@@ -186,6 +190,36 @@ def checks(results: list[dict]) -> list[dict]:
                 ratio = max(peaks) / min(peaks)
                 rows.append({"target": f"{name} flat in N (max / min peak <= {FLAT})", "value": ratio,
                              "limit": FLAT, "ok": ratio <= FLAT})
+    return rows
+
+
+PIPELINE_ENGINES = {"run ir (torch)": "ir", "validate gguf": "gguf", "validate onnx": "onnx"}  # step -> its row
+
+
+def pipeline_checks(r: dict) -> list[dict]:
+    """The same targets for the steps of `nextq pipeline` (its own step table: each step's peak RSS), each engine
+    step against the artifact it holds (the summary's row of that format)."""
+    if "pipeline" not in r:
+        return []
+    sizes = {row["format"].split(" ")[0]: row["size_bytes"] for row in r["pipeline"]["rows"]}
+    rows = []
+    for s in r["pipeline"]["steps"] or []:
+        if s.get("peak_rss") is None:
+            continue
+        what = f"N={r['layers']} pipeline {s['name']}"
+        fmt = PIPELINE_ENGINES.get(s["name"])
+        if s["kind"] == "nextq":
+            limit, what = STEP_LIMIT, what + " peak <= 6 GiB"
+        elif fmt == "ir":
+            limit = TORCH_FACTOR * sizes["ir"] + TORCH_MARGIN
+            what += f" peak <= 1.3 x IR ({sizes['ir'] / GIB:.2f} GiB) + 1 GiB"
+        elif fmt in sizes:
+            limit = sizes[fmt] + ENGINE_MARGIN
+            what += f" peak <= artifact ({sizes[fmt] / GIB:.2f} GiB) + 1.5 GiB"
+        else:  # the original run by transformers: not one of nextq's steps
+            continue
+        rows.append({"target": what, "value": s["peak_rss"] / GIB, "limit": limit / GIB,
+                     "ok": s["peak_rss"] <= limit})
     return rows
 
 
@@ -205,6 +239,12 @@ def table(results: list[dict]) -> str:
                 note = f"KLD {m['kld_mean']:.4f}, top-1 {m['top1']:.3f}, PPL ratio {m['ppl_ratio']:.4f}"
             lines.append(f"{n:>2} {name:<13} {s['wall_s']:>8.1f} {s['wall_s'] / n:>9.1f} {s['peak_rss_gib']:>12.2f} "
                          f"{art:>12} {note}")
+        for s in (r.get("pipeline") or {}).get("steps") or []:
+            if s.get("note", "").startswith("skipped"):
+                lines.append(f"{n:>2}   {s['name']:<24} skipped: {s['note'][9:]}")
+                continue
+            peak = "" if s.get("peak_rss") is None else f"{s['peak_rss'] / GIB:.2f}"
+            lines.append(f"{n:>2}   {s['name']:<24} {s['wall_s']:>8.1f} {s['wall_s'] / n:>9.1f} {peak:>12}")
     if len(results) > 1:  # the slope between the smallest and the largest N: what one more layer costs
         lo, hi = results[0], results[-1]
         dn = hi["layers"] - lo["layers"]
@@ -224,7 +264,11 @@ def main():
     ap.add_argument("--device", default="cpu", help="--device of quantize, validate and pipeline.")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "nextq-bench-scale")
     ap.add_argument("--json", type=Path, default=Path("bench_scale.json"))
+    ap.add_argument("--render", action="store_true", help="Only print the table and checks of an existing --json.")
     args = ap.parse_args()
+    if args.render:
+        print(table(json.loads(args.json.read_text())["results"]))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     tok = args.work / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
