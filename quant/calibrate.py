@@ -58,8 +58,9 @@ from .tensor import QUANT_FIELDS, QuantizedTensor, as_float32_matrix
 MIN_TOKENS = 16
 MODES = ("original", "sequential")
 CHUNK_BYTES = {"cpu": 512 << 20, "cuda": 4 << 30}  # float32 Gram matrices + GPTQ factors of one chunk of experts
-# (two chunks are kept: workers straddle); a chunk is also one GPTQ batch per part, which on a GPU is what keeps
-# its column loop from being launch-bound
+# (two chunks are kept: workers straddle)
+GPTQ_BATCH = {"cpu": 4, "cuda": None}  # experts per GPTQ batch (None: a whole chunk). On a GPU a batch is what keeps
+# the column loop from being launch-bound; on a CPU batching buys nothing beyond ~4 and costs working memory
 EXPERT = re.compile(r"(.*\.ffn)\.experts\.(\d+)\.(gate|up|down)\.weight")
 
 
@@ -132,7 +133,10 @@ class CalibrationStats:
         self.stage_of = {n: i for i, (_, names) in enumerate(self.stages) for n in names}
         h, i_dim = c.hidden_size, c.moe_intermediate_size
         chunk_bytes = CHUNK_BYTES[self.stream.device.type] if chunk_bytes is None else chunk_bytes
+        self.gptq_batch = GPTQ_BATCH.get(self.stream.device.type, 1)  # experts per GPTQ batch, a chunk's divisor
         self.chunk = max(1, chunk_bytes // (8 * (h * h + i_dim * i_dim)))  # experts per chunk: H + GPTQ factor
+        self.gptq_batch = self.chunk if self.gptq_batch is None else min(self.gptq_batch, self.chunk)
+        self.chunk = self.chunk // self.gptq_batch * self.gptq_batch
         self.expert_tokens: dict[str, torch.Tensor] = {}
         self.recorded: dict[str, torch.Tensor | QuantizedTensor] = {}
         self.cond = threading.Condition(threading.RLock())
@@ -295,31 +299,33 @@ class CalibrationStats:
         entry = self._entry(name)
         if m is not None:
             p, e, part = m.group(1), int(m.group(2)), m.group(3)
-            key = (p, e // self.chunk, part, scheme)
+            key = (p, e // self.gptq_batch, part, scheme)
             with self.cond:
                 batch = self.batches.setdefault(key, {"lock": threading.Lock(), "out": None,
                                                       "grams": self._expert_chunk(p, e // self.chunk)})
             with batch["lock"]:
                 if batch["out"] is None:
-                    batch["out"] = self._gptq_batch(batch["grams"], part, scheme, min_tokens, name, w)
+                    first = e // self.gptq_batch * self.gptq_batch
+                    batch["out"] = self._gptq_batch(batch["grams"], range(first, first + self.gptq_batch), part, scheme,
+                                                    min_tokens, name, w)
                 qt = batch["out"].pop(name, None)
             if qt is not None:
                 return qt
         return quantize_gptq(w.to(entry[1].device), entry[1], scheme, factor=self.gptq_factor(name))
 
-    def _gptq_batch(self, grams: dict[str, list], part: str, scheme: str, min_tokens: int, name: str,
-                    w: torch.Tensor) -> dict[str, QuantizedTensor]:
-        """GPTQ of every calibrated expert weight of one part in a chunk's `grams`, as one batch (`w`: the value of
-        `name`, which the caller already read; the others are read here)."""
-        names = [n for n, entry in grams.items() if n.endswith(f".{part}.weight") and n in self.wanted
-                 and entry[0] >= min_tokens]
-        dev = grams[name][1].device
-        ws = []
-        for n in names:
+    def _gptq_batch(self, grams: dict[str, list], experts: range, part: str, scheme: str, min_tokens: int,
+                    name: str, w: torch.Tensor) -> dict[str, QuantizedTensor]:
+        """GPTQ of the calibrated weights `part` of `experts` (in the chunk whose statistics are `grams`) as one
+        batch (`w`: the value of `name`, which the caller already read; the others are read here)."""
+        block = EXPERT.fullmatch(name).group(1)
+        names = [n for n in (f"{block}.experts.{e}.{part}.weight" for e in experts)
+                 if n in grams and n in self.wanted and grams[n][0] >= min_tokens]
+        ws = torch.empty(len(names), *w.shape, device=grams[name][1].device)
+        for i, n in enumerate(names):
             t = w if n == name else self.graph.get(n)
-            ws.append(as_float32_matrix(t.dequantize() if isinstance(t, QuantizedTensor) else t).to(dev))
-        factors = torch.stack([self.gptq_factor(n) for n in names])
-        return dict(zip(names, quantize_gptq_batch(torch.stack(ws), [grams[n][1] for n in names], scheme, factors)))
+            ws[i] = as_float32_matrix(t.dequantize() if isinstance(t, QuantizedTensor) else t)
+        return dict(zip(names, quantize_gptq_batch(ws, [grams[n][1] for n in names], scheme,
+                                                   [self.gptq_factor(n) for n in names])))
 
     def whole(self, name: str) -> bool:
         """Whether tensor `name` must be quantized whole (not in row blocks): the stream runs it."""

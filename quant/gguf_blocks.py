@@ -60,7 +60,7 @@ class GGUFBlockType:
         qb = q.to(torch.uint8).reshape(n, k // BLOCK, 2, BLOCK // 2)
         qs = (qb[:, :, 0] & 0x0F) | ((qb[:, :, 1] & 0x0F) << 4)  # [n, nb, 16]
         hi = (q.to(torch.uint8).reshape(n, k // BLOCK, 4, 8) >> 4).to(torch.int32)  # [n, nb, 4 bytes, 8 bits]
-        qh = (hi << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)  # [n, nb, 4]
+        qh = (hi << torch.arange(8, dtype=torch.int32, device=q.device)).sum(-1).to(torch.uint8)  # [n, nb, 4]
         parts = [fp16_bytes(d.to(torch.float16))]
         if m is not None:
             parts.append(fp16_bytes(m.to(torch.float16)))
@@ -79,7 +79,7 @@ class GGUFBlockType:
             m, at = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1), 4
         qh, qs = b[..., at:at + 4], b[..., at + 4:at + 20]  # [n, nb, 4], [n, nb, 16]
         lo = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # element j (low nibble of byte j) and j + 16 (high)
-        hi = (qh[..., :, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [n, nb, 4 bytes, 8 bits]: element 8i+b
+        hi = (qh[..., :, None] >> torch.arange(8, dtype=torch.uint8, device=b.device)) & 1  # [n, nb, 4 bytes, 8 bits]: element 8i+b
         return (lo | (hi.reshape(n, nb, BLOCK) << 4)).reshape(n, k), d, m
 
     def data_shape(self, n: int, k: int) -> tuple[int, int]:

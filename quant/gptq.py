@@ -239,10 +239,10 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: str,
 
 
 def quantize_gptq_batch(w: torch.Tensor, hessian: torch.Tensor | Sequence[torch.Tensor], scheme: str,
-                        factor: torch.Tensor | None = None) -> list[QuantizedTensor]:
+                        factor: torch.Tensor | Sequence[torch.Tensor] | None = None) -> list[QuantizedTensor]:
     """GPTQ of B weights of one shape at once (a chunk of experts' gate, up or down), each on its own Hessian.
     w: [B, N, K] (finite floats); hessian: [B, K, K] (or B tensors [K, K]); factor: `gptq_factor(hessian)`
-    `[B, K, K]` (None: computed here). Returns the B QuantizedTensors, each the same computation as `quantize_gptq`
+    `[B, K, K]` (or B tensors [K, K]; None: computed here). Returns the B QuantizedTensors, each the same computation as `quantize_gptq`
     of that weight alone (bit-identical on CPU, tests/test_quant_recipes.py).
 
     The weights are worked on transposed and side by side (`[K, B*N]`: a column of every weight is one contiguous
@@ -254,9 +254,9 @@ def quantize_gptq_batch(w: torch.Tensor, hessian: torch.Tensor | Sequence[torch.
     b, n, k = w.shape
     g = grid.width
     check_group(k, g, scheme)
-    u = gptq_factor(torch.stack(list(hessian))) if factor is None else factor  # [B, K, K]
-    dev = u.device
-    inv_diag = (1.0 / u.diagonal(dim1=-2, dim2=-1)).T.contiguous()  # [K, B]
+    u = gptq_factor(torch.stack(list(hessian))) if factor is None else factor  # B factors [K, K]
+    dev = u[0].device
+    inv_diag = torch.stack([1.0 / x.diagonal() for x in u], 1)  # [K, B]
     imp = torch.stack([_importance(h) for h in hessian]).to(dev)  # [B, K]
     wt = w.to(device=dev, dtype=torch.float32).permute(2, 0, 1).reshape(k, b * n).contiguous()  # [K, B*N]
     wt3 = wt.view(k, b, n)
@@ -266,7 +266,7 @@ def quantize_gptq_batch(w: torch.Tensor, hessian: torch.Tensor | Sequence[torch.
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         errs = torch.zeros(b1 - b0, b, n, device=dev)
-        ut = u[:, b0:b1, b0:b1].permute(1, 2, 0).contiguous()  # [row i, column, B]: the block's factor rows
+        ut = torch.stack([x[b0:b1, b0:b1] for x in u], -1)  # [row i, column, B]: the block's factor rows
         for j0 in range(b0, b1, g):  # a grid block lies inside the lazy-update block (block is a multiple of g)
             rows_imp = imp[:, None, j0:j0 + g].expand(b, n, g).reshape(b * n, g)
             p = grid.choose(wt[j0:j0 + g].T, rows_imp)  # qparams of every row of every weight
@@ -279,8 +279,8 @@ def quantize_gptq_batch(w: torch.Tensor, hessian: torch.Tensor | Sequence[torch.
                 torch.mul(r, inv[c], out=q).round_().clamp_(0, grid.qmax)  # the nearest code 0..qmax
                 torch.addcmul(r, q, step[c], value=-1, out=e).view(b, n).mul_(inv_diag[i, :, None])  # (w-w^)/U_ii
                 wt3[i + 1:b1].addcmul_(ut[i - b0, i + 1 - b0:, :, None], errs[i - b0][None], value=-1)
-        if b1 < k:  # wt[b1:] -= U[b0:b1, b1:]^T errs, weight by weight
-            wt3[b1:] -= torch.bmm(u[:, b0:b1, b1:].transpose(1, 2), errs.permute(1, 0, 2)).permute(1, 0, 2)
+        for i, x in enumerate(u if b1 < k else ()):  # wt[b1:] -= U[b0:b1, b1:]^T errs, weight by weight
+            wt3[b1:, i].addmm_(x[b0:b1, b1:].T, errs[:, i], alpha=-1)
     q_rows = qt.T  # [B*N, K]
     return [grid.encode(q_rows[i * n:(i + 1) * n].contiguous(), [_rows(p, slice(i * n, (i + 1) * n)) for p in ps])
             for i in range(b)]

@@ -62,7 +62,7 @@ def _rint(x: torch.Tensor) -> torch.Tensor:
 def _seq_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim in index order, in float32 (the C loops' `s += t[i]` starting from 0), `[..., n] -> [...]`."""
     cols = t.movedim(-1, 0).contiguous()  # [n, ...]: each step adds one contiguous vector
-    acc = torch.zeros(cols.shape[1:], dtype=torch.float32)
+    acc = torch.zeros(cols.shape[1:], dtype=torch.float32, device=t.device)
     for c in cols:
         acc += c
     return acc
@@ -315,7 +315,8 @@ class KQuant:
         d = torch.where(zero, torch.zeros_like(iscale), _fp16(_rdiv(1.0, iscale)))
         sc = torch.where(zero[:, None], 0.0, torch.clamp(_rint(iscale[:, None] * scales), max=127))
         L0 = torch.where(zero.repeat_interleave(s)[:, None], 0.0, L0)
-        return KQParams(d.reshape(n, nb), torch.zeros(n, nb), sc.reshape(n, nb, s), torch.zeros(n, nb, s),
+        return KQParams(d.reshape(n, nb), torch.zeros(n, nb, device=d.device), sc.reshape(n, nb, s),
+                        torch.zeros(n, nb, s, device=d.device),
                         L0.reshape(n, nb * s, self.sub))
 
     def grid(self, p: KQParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,7 +353,8 @@ class KQuant:
             lo = q.reshape(n, nb, 4, 2, 32)  # per 64-chunk: elements l and l + 32 share byte l
             if self.qmax == 31:
                 hi = (lo >> 4).to(torch.uint8)  # [n, nb, 4, 2, 32] fifth bits
-                shifts = (2 * torch.arange(4, dtype=torch.uint8)[:, None] + torch.arange(2, dtype=torch.uint8))
+                ar = torch.arange(4, dtype=torch.uint8, device=q.device)
+                shifts = 2 * ar[:, None] + ar[:2]
                 qh = (hi << shifts[..., None]).sum(dim=(2, 3), dtype=torch.uint8)  # [n, nb, 32], disjoint bits
                 parts.append(qh)
                 lo = lo & 0x0F
@@ -470,7 +472,8 @@ class Q3K(KQuant):
             scales, L0 = make_qx_quants(x, 4, weights)
             d, ls = make_qx_quants(scales.reshape(n * nb, s), 32, sw)
             d, sc = _fp16(d), ls - 32
-        return KQParams(d.reshape(n, nb), torch.zeros(n, nb), sc.reshape(n, nb, s), torch.zeros(n, nb, s),
+        return KQParams(d.reshape(n, nb), torch.zeros(n, nb, device=d.device), sc.reshape(n, nb, s),
+                        torch.zeros(n, nb, s, device=d.device),
                         L0.reshape(n, nb * s, self.sub))
 
     def _pack_sym(self, q: torch.Tensor, p: KQParams, n: int, nb: int) -> list[torch.Tensor]:
