@@ -167,3 +167,12 @@ def test_isolated_steps_report_errors_and_deaths():
         run_isolated(_fails, "error")
     with pytest.raises(NextqError, match="_fails: its process exited with code -9 and no result"):
         run_isolated(_fails, "kill")
+
+
+def test_default_batch_keeps_a_batchs_logits_bounded():
+    """At Qwen3-Next's vocabulary a window of 512 is 311 MB of float32 logits: one window per forward; small
+    vocabularies keep 4 (the memory the pipeline's validation steps were measured with at 80B dimensions)."""
+    from nextq.validate.compare import default_batch_size
+
+    assert default_batch_size(512, 151936) == 1 and default_batch_size(256, 151936) == 1
+    assert default_batch_size(256, 2048) == 4 and default_batch_size(512, None) == 4

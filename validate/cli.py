@@ -71,7 +71,8 @@ def print_summary(report: dict) -> None:
 @click.option("--stride", type=int, help="Tokens between window starts (default: the window; smaller overlaps "
                                          "windows and scores only each window's last STRIDE tokens).")
 @click.option("--max-windows", default=64, show_default=True, help="Evaluate at most this many windows (0 = all).")
-@click.option("--batch-size", default=4, show_default=True, help="Windows per forward.")
+@click.option("--batch-size", type=int, help="Windows per forward (default: up to 4, as many as keep one batch's "
+                                             "float32 logits within 256 MiB).")
 @click.option("--max-ppl-increase", default="2%", show_default=True, callback=_fraction,
               help="Allowed perplexity increase (a percentage or a fraction).")
 @click.option("--max-kld", default=str(DEFAULTS.max_kld), show_default=True, callback=_fraction,
@@ -111,7 +112,7 @@ def validate_cmd(candidate, reference, corpora, window, stride, max_windows, bat
 
 
 def validate(candidate, reference, corpora=(), *, window: int = 256, stride: int | None = None,
-             max_windows: int | None = 64, batch_size: int = 4, thresholds: Thresholds = DEFAULTS,
+             max_windows: int | None = 64, batch_size: int | None = None, thresholds: Thresholds = DEFAULTS,
              report: Path | None = None, candidate_backend: str | None = None, reference_backend: str | None = None,
              device: str = "cpu", cache_dir: str | Path | None = "default", cache_top_k: int | None = None,
              layer_windows: int = 4, layer_reference: Path | None = None, force: bool = False,

@@ -71,6 +71,7 @@ from .corpus import Windows
 
 CACHE_VERSION = 1
 FULL_CACHE_LIMIT = 1 << 30  # bytes of float32 reference logits above which `auto` caches top-k
+BATCH_LOGITS_BYTES = 256 << 20  # default batch: as many windows (at most 4) as keep one batch's float32 logits below
 DEFAULT_TOP_K = 128
 KLD_HIST_BINS = 40
 CHUNK_ELEMENTS = 1 << 24  # logits per float64 metrics chunk (128 MiB): CHUNK_ELEMENTS // V positions at a time
@@ -427,13 +428,20 @@ def batches(n: int, batch_size: int) -> list[slice]:
     return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
-def compare(candidate: str | Path, reference: str | Path, windows: Windows, *, batch_size: int = 4,
+def default_batch_size(window: int, vocab: int | None) -> int:
+    """Windows per forward when none is asked for: up to 4, fewer where one batch's float32 logits [B, T, V] would
+    pass BATCH_LOGITS_BYTES (Qwen3-Next's 151,936 logits x 512 positions: 311 MB a window, so 1)."""
+    return 4 if not vocab else max(1, min(4, BATCH_LOGITS_BYTES // (window * vocab * 4)))
+
+
+def compare(candidate: str | Path, reference: str | Path, windows: Windows, *, batch_size: int | None = None,
             candidate_backend: str | None = None, reference_backend: str | None = None, device: str = "cpu",
             cache_dir: Path | None = None, cache_top_k: int | None = None, layer_windows: int = 4,
             layer_reference: str | Path | None = None, candidate_source: LogitSource | None = None,
             reference_source: LogitSource | None = None) -> Comparison:
     """Measure candidate vs reference on `windows` (tokenized with the reference's tokenizer).
 
+    batch_size: windows per forward (None: `default_batch_size`).
     backends: `stream`, an engine name, or None for the path's default (module docstring); device: where nextq's
     own executors run (engines other than torch / transformers choose their own).
     cache_dir: None disables the reference-logits cache. cache_top_k: None = auto, 0 = full logits, k = top-k.
@@ -446,6 +454,7 @@ def compare(candidate: str | Path, reference: str | Path, windows: Windows, *, b
     check_source(candidate, reference)
     ref_backend = reference_source.backend if reference_source else (reference_backend or default_backend(reference))
     W, T = windows.ids.shape
+    batch_size = batch_size or default_batch_size(T, _config_vocab(reference))
     slices = batches(W, batch_size)
     targets, mask = windows.targets, windows.mask
 
