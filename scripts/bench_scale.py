@@ -110,7 +110,7 @@ def has_attention(n: int) -> bool:
     return n >= 4
 
 
-def bench_one(n: int, work: Path, tok: Path, device: str, pipeline: bool) -> dict:
+def bench_one(n: int, work: Path, tok: Path, device: str, pipeline: bool, steps_too: bool = True) -> dict:
     d = work / f"n{n}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -139,7 +139,7 @@ def bench_one(n: int, work: Path, tok: Path, device: str, pipeline: bool) -> dic
         "engine_onnx": ([nextq, "validate", str(onnx), "--reference", str(src), *VALIDATION, *cache,
                          "--report", str(d / "onnx.json")], (0, 1), onnx),
     }
-    for name, (args, codes, artifact) in plan.items():
+    for name, (args, codes, artifact) in plan.items() if steps_too else ():
         if name == "engine_gguf" and not has_attention(n):
             steps[name] = {"skipped": "llama.cpp cannot allocate the KV cache of a model without an attention layer"}
         else:
@@ -245,7 +245,7 @@ def table(results: list[dict]) -> str:
                 continue
             peak = "" if s.get("peak_rss") is None else f"{s['peak_rss'] / GIB:.2f}"
             lines.append(f"{n:>2}   {s['name']:<24} {s['wall_s']:>8.1f} {s['wall_s'] / n:>9.1f} {peak:>12}")
-    if len(results) > 1:  # the slope between the smallest and the largest N: what one more layer costs
+    if results and results[-1]["layers"] > results[0]["layers"]:  # the slope from the smallest to the largest N
         lo, hi = results[0], results[-1]
         dn = hi["layers"] - lo["layers"]
         parts = [f"{k} {(hi['steps'][k]['wall_s'] - lo['steps'][k]['wall_s']) / dn:.1f}"
@@ -261,24 +261,27 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", default="1,2,4", help="Comma-separated layer counts.")
     ap.add_argument("--pipeline-layers", help="Layer counts that also run `nextq pipeline` (default: all).")
+    ap.add_argument("--step-layers", help="Layer counts that run the steps as separate commands (default: all).")
     ap.add_argument("--device", default="cpu", help="--device of quantize, validate and pipeline.")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "nextq-bench-scale")
     ap.add_argument("--json", type=Path, default=Path("bench_scale.json"))
-    ap.add_argument("--render", action="store_true", help="Only print the table and checks of an existing --json.")
+    ap.add_argument("--render", nargs="+", type=Path, metavar="JSON",
+                    help="Only print the table and checks of saved runs (their results in order of N).")
     args = ap.parse_args()
     if args.render:
-        print(table(json.loads(args.json.read_text())["results"]))
+        results = [r for f in args.render for r in json.loads(f.read_text())["results"]]
+        print(table(sorted(results, key=lambda r: r["layers"])))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     tok = args.work / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
         qwen_tokenizer.build(tok)
     layers = [int(x) for x in args.layers.split(",")]
-    with_pipeline = set(layers if args.pipeline_layers is None else
-                        [int(x) for x in args.pipeline_layers.split(",") if x])
+    with_pipeline, with_steps = ({*layers} if v is None else {int(x) for x in v.split(",") if x}
+                                 for v in (args.pipeline_layers, args.step_layers))
     doc = {"threads": THREADS, "device": device_name(args.device), "results": []}
     for n in layers:
-        doc["results"].append(bench_one(n, args.work, tok, args.device, n in with_pipeline))
+        doc["results"].append(bench_one(n, args.work, tok, args.device, n in with_pipeline, n in with_steps))
         doc["checks"] = checks(doc["results"])
         args.json.write_text(json.dumps(doc, indent=1))
         print(table(doc["results"]), flush=True)
