@@ -335,13 +335,12 @@ def run_pipeline(source: str | None, output: Path, *, recipe: str = "int4", form
         isolate = disk_size(original, weights_only=True) > ISOLATE_BYTES
     console.rule(f"nextq pipeline: {source} (recipe {recipe}, formats {', '.join(formats) or 'none'}, {device}"
                  f"{', each step in its own process' if isolate else ''})")
-    log = StepLog()
+    config = read_hf(str(original), hash_shards=False).config  # lazy: the header of each shard
+    log = StepLog(layers=config.num_hidden_layers)
     with atomic_output_dir(output, force) as tmp:
         if save_original:
             with log.step("convert") as step:
                 call_step(step, isolate, convert_step, original, tmp / "ir")
-        config = (Graph.load(tmp / "ir") if save_original else read_hf(str(original), hash_shards=False)).config
-        log.layers = config.num_hidden_layers
         params = sum(math.prod(s.shape) for s in expected_tensors(config).values())
         validation = dict(corpora=corpora, window=window, max_windows=max_windows, thresholds=Thresholds(),
                           device=device)
