@@ -29,7 +29,7 @@ so quantization, calibration and every exporter run exactly as for a built-in re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -70,10 +70,41 @@ def ladder(k: int) -> tuple[str, ...]:
     return next((c for m, c in LADDERS if k % m == 0), ())
 
 
-def output_error(w: torch.Tensor, scheme: str, h: torch.Tensor) -> float:
-    """tr(E H E^T) of round-to-nearest `scheme` on w `[N, K]` with H `[K, K]` (sum over tokens of x x^T)."""
-    e = (dequantize(quantize(w, scheme)) - w.float()).double()  # [N, K]
-    return float(((e @ h.double()) * e).sum())
+MEASURE_CHUNK = 1 << 24  # elements quantized in one call by rtn_stack (64 MiB of float32 weights)
+
+
+def stack_chunks(sizes: list[int]) -> Iterator[slice]:
+    """Consecutive runs of matrices (by element count) of at most MEASURE_CHUNK elements (one, if larger)."""
+    i = 0
+    while i < len(sizes):
+        j, size = i + 1, sizes[i]
+        while j < len(sizes) and size + sizes[j] <= MEASURE_CHUNK:
+            size += sizes[j]
+            j += 1
+        yield slice(i, j)
+        i = j
+
+
+def rtn_stack(ws: list[torch.Tensor], scheme: str) -> Iterator[torch.Tensor]:
+    """Round-to-nearest `scheme` of each w_i `[N_i, K]`, dequantized (float32 `[N_i, K]`), in order.
+
+    The matrices are quantized as one `[sum N_i, K]` stack, MEASURE_CHUNK elements at a time: every scheme
+    quantizes rows independently, so the codes are those of one call per matrix, but the K-quants' per-call Python
+    work (their float32 sums in ggml's order loop over a sub-block's columns, whatever the row count) is paid once
+    per chunk instead of once per expert."""
+    for sl in stack_chunks([w.numel() for w in ws]):
+        w = torch.cat([x.float() for x in ws[sl]])  # [sum N, K]
+        yield from dequantize(quantize(w, scheme)).split([x.shape[0] for x in ws[sl]])
+
+
+def output_errors(ws: list[torch.Tensor], scheme: str, hs: list[torch.Tensor]) -> list[float]:
+    """tr(E_i H_i E_i^T) of round-to-nearest `scheme` on each w_i `[N_i, K]` with its H_i `[K, K]`
+    (E_i = dequant(scheme(w_i)) - w_i; the matrices quantized as one stack, rtn_stack)."""
+    out = []
+    for w, q, h in zip(ws, rtn_stack(ws, scheme), hs):
+        e = (q - w.float()).double()  # [N, K]
+        out.append(float(((e @ h.double()) * e).sum()))
+    return out
 
 
 def measure(graph: Graph, stats, progress: Callable | None = None) -> list[Unit]:
@@ -92,10 +123,16 @@ def measure(graph: Graph, stats, progress: Callable | None = None) -> list[Unit]
         if not u.candidates or not found:
             continue
         u.measured = True
-        for s, (_, h) in found:
-            w = graph.get(s).float()
+        if found[0][1][1] is None:
+            w = graph.get("embed.weight").float()
+            u.errors = [lookup_error(w, c, stats.tokens) for c in u.candidates]
+            continue
+        names, hs = [s for s, _ in found], [h for _, (_, h) in found]
+        for sl in stack_chunks([math.prod(graph.tensors[s].shape) for s in names]):  # a chunk's weights held
+            ws = [graph.get(s).float() for s in names[sl]]
             for i, c in enumerate(u.candidates):
-                u.errors[i] += output_error(w, c, h) if h is not None else lookup_error(w, c, stats.tokens)
+                for e in output_errors(ws, c, hs[sl]):  # summed source by source, in order
+                    u.errors[i] += e
     return units
 
 
@@ -122,8 +159,8 @@ def kld_rescale(graph: Graph, units: list[Unit], ids: torch.Tensor,
     for i, u in enumerate(progress(units) if progress else units):
         if not u.measured or u.errors[0] <= 0 or u.sources[0].startswith("mtp."):
             continue
-        for s in u.sources:
-            model.w.put(s, dequantize(quantize(graph.get(s), u.candidates[0])))
+        for s, q in zip(u.sources, rtn_stack([graph.get(s) for s in u.sources], u.candidates[0])):
+            model.w.put(s, q)
         kld = float(kl_divergence(ref, model.forward(ids).numpy()).mean())
         for s in u.sources:
             model.w.put(s, graph.get(s))

@@ -226,6 +226,30 @@ def test_target_bpw_meets_the_budget_and_spends_it_where_it_matters(wide_ir):
     assert "| GGUF tensor |" in allocate.plan_markdown(units, summary)
 
 
+@pytest.mark.parametrize("chunk", [1 << 24, 3 * 256 * 7])  # every matrix in one call; chunks of 1-2 matrices
+def test_target_bpw_measures_a_stack_as_each_matrix_alone(monkeypatch, chunk):
+    """allocate.output_errors quantizes a unit's matrices (a layer's experts) as one stack of rows: the errors
+    equal those of each matrix quantized on its own with its own H, exactly (every scheme is row by row)."""
+    from nextq.quant import allocate
+
+    monkeypatch.setattr(allocate, "MEASURE_CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(n, 256, generator=g) * (1 + 10 * (torch.rand(n, 256, generator=g) > 0.99))  # outliers
+          for n in (5, 7, 1, 12)]  # ragged row counts
+    ws[2].zero_()  # an all-zero matrix
+    hs = []
+    for w in ws:
+        x = torch.randn(40, 256, generator=g, dtype=torch.float64)
+        hs.append(x.T @ x)
+    for scheme in {c for _, ladder in allocate.LADDERS for c in ladder}:
+        got = allocate.output_errors(ws, scheme, hs)
+        want = []
+        for w, h in zip(ws, hs):
+            e = (dequantize(quantize(w, scheme)) - w).double()
+            want.append(float(((e @ h) * e).sum()))
+        assert got == want, scheme  # bit-identical, not merely close
+
+
 def test_target_bpw_kld_proxy_puts_every_tensor_on_the_logits_scale(wide_ir):
     """With real statistics (their windows), each unit's errors are rescaled to the KLD of the logits with only
     that unit quantized at its cheapest scheme; the MTP head's (it does not reach the logits) to the smallest
