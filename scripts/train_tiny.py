@@ -7,8 +7,8 @@ quantization error). The Qwen3.5 families go to `tests/assets/<family>_tiny`: th
 pipeline tests gate on (test fixtures, not shipped in the package).
 
     python scripts/train_tiny.py            # 1200 steps of 16 x 128 tokens: about 15 minutes on 2 CPU cores
-    python scripts/train_tiny.py --preset wide --steps 500 --batch 8 --vocab 4096 --seed 1 -o DIR
-                                            # bench_quant's second model (256-wide rows, 24 experts)
+    python scripts/train_tiny.py --preset wide --steps 320 --seq 256 --batch 16 --vocab 4096 --seed 1 --threads 2 -o DIR
+                                            # bench_quant's second model (256-wide rows, 24 experts; ~30 min)
     python scripts/train_tiny.py --family qwen3_5_moe --steps 450 --vocab 1024 --threads 1
     python scripts/train_tiny.py --family qwen3_5 --steps 500 --vocab 1024 --threads 1
                                             # the Qwen3.5 test models (9 minutes each on one core)
