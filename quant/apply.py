@@ -274,7 +274,8 @@ def quantize_tensor(name: str, t: torch.Tensor, entry: PlanEntry, stats: calibra
     if entry.scheme in FLOAT_DTYPES:  # plain dense tensors: exporters and the runtime read them directly
         return t.to(FLOAT_DTYPES[entry.scheme]), "cast", 0
     if stats is not None and calibrate.is_calibratable(entry.scheme):
-        return calibrate.quantize_calibrated(t, entry.scheme, stats, name, method, min_tokens)
+        with stats.using(name):
+            return calibrate.quantize_calibrated(t, entry.scheme, stats, name, method, min_tokens)
     return quantize(t, entry.scheme), "rtn", 0
 
 

@@ -39,7 +39,8 @@ import re
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -141,6 +142,7 @@ class CalibrationStats:
         self.recorded: dict[str, torch.Tensor | QuantizedTensor] = {}
         self.cond = threading.Condition(threading.RLock())
         self.running = False  # inside a quantization run (begin .. end): sequential mode waits for `record`
+        self.users: dict[int, int] = {}  # thread id -> how many `using` blocks it is in (all of stage `pos`)
         self._restart()
 
     # -- the stream ---------------------------------------------------------------------------------------------
@@ -178,6 +180,9 @@ class CalibrationStats:
             self.cond.notify_all()
 
     def _advance_to(self, target: int) -> None:
+        if target != self.pos:  # the held statistics go: wait until no other thread computes with them
+            me = threading.get_ident()
+            self.cond.wait_for(lambda: not any(n for t, n in self.users.items() if t != me))
         if target < self.pos:
             if self.sequential:
                 raise CalibrationError(f"sequential calibration: {self.stages[target][0]} asked after "
@@ -209,6 +214,7 @@ class CalibrationStats:
             else:
                 self.x = self.x_out
         self.obs, self.chunks, self.batches, self.x_out = None, {}, {}, None
+        trim_heap()  # before the next layer is loaded: what the previous one's statistics and workers freed
         self.pos = s = s + 1
         name, names = self.stages[s]
         obs = GramObserver(lambda n: n in self.wanted and EXPERT.fullmatch(n) is None, capture_moe=True)
@@ -271,6 +277,26 @@ class CalibrationStats:
             m = EXPERT.fullmatch(name)
             grams = self._expert_chunk(m.group(1), int(m.group(2)) // self.chunk) if m else self.obs.grams
             return grams.get(name, [0, None])
+
+    @contextmanager
+    def using(self, name: str) -> Iterator[None]:
+        """Keep the statistics of weight `name`'s stage while inside (the quantizer computes with them): the stream
+        moves on, freeing them, only once every other thread has left its `using` block. Without it a worker that
+        asks for the next layer would load that layer while the last chunks of experts of this one are still
+        being quantized: both layers' working sets at once."""
+        me = threading.get_ident()
+        with self.cond:
+            if self.stage_of.get(name) is not None and name in self.wanted:
+                self._advance_to(self.stage_of[name])
+            self.users[me] = self.users.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.users[me] -= 1
+                if not self.users[me]:
+                    del self.users[me]
+                self.cond.notify_all()
 
     def hessian(self, name: str) -> tuple[int, torch.Tensor] | None:
         """(tokens seen, H = sum x x^T [K, K] float32) for the input of weight `name`; None when not calibrated."""

@@ -359,6 +359,26 @@ def test_routing_statistics_match_the_runtime(stats, ir):
         torch.testing.assert_close(h, x.T @ x, rtol=1e-4, atol=1e-3)  # fp32 sums in another order
 
 
+def test_the_stream_waits_for_the_layer_in_use(ir):
+    """A worker asking for the next layer's statistics waits until no other thread computes with this layer's
+    (`using`): the two layers' working sets are never held at once."""
+    import threading
+
+    stats = calibrate.collect_stats(Graph.load(ir), torch.randint(0, 2048, (2, 32), generator=torch.Generator()
+                                                                  .manual_seed(4)))
+    this, after = "layers.0.ffn.experts.0.gate.weight", "layers.1.ffn.experts.0.gate.weight"
+    done = threading.Event()
+    with stats.using(this):
+        assert stats.pos == 0
+        worker = threading.Thread(target=lambda: (stats.hessian(after), done.set()))
+        worker.start()
+        assert not done.wait(0.5) and stats.pos == 0  # blocked: layer 0 is in use (a wait, not a timed claim)
+        with stats.using(this):  # the same layer again, from the thread in use: no wait
+            assert stats.hessian(this)[0] > 0
+    worker.join(30)
+    assert done.is_set() and stats.pos == 1 and not stats.users
+
+
 def test_calibration_modes_and_bad_input(ir, tmp_path):
     """Sequential (layer i+1 on the quantized layer i's outputs) and original statistics: the same for the first
     layer, different after it; short text and windows no token reaches a layer with are one clear error."""
