@@ -6,9 +6,10 @@ Dimensions: hidden 2048, vocab 151936, 512 experts of 512 (top-10) + a shared ex
 16 key / 32 value heads of 128 with conv kernel 4, gated attention 16 query / 2 KV heads of 256 (RoPE on 25%),
 layer i full attention when (i+1) % 4 == 0. With --mtp, one MTP layer (`mtp.*`) as on the Hub.
 Weights: normal with std 1/sqrt(fan_in) scaled like a trained model (embeddings 0.02), zero-centred norm weights
-around 0 with std 0.05, A_log = log(U(1, 16)), dt_bias ~ U(0, 1); deterministic from --seed. Written shard by
-shard (bounded memory), with model.safetensors.index.json. No tokenizer is generated: --tokenizer DIR copies the
-tokenizer files found in DIR (e.g. one written by scripts/qwen_tokenizer.py, the real Qwen vocabulary).
+around 0 with std 0.05, A_log = log(U(1, 16)), dt_bias ~ U(0, 1); each shard from a generator of its own, seeded
+by (--seed, shard number), so the files do not depend on --jobs (shards written at once by processes of their own:
+about 3 x --shard-gb of memory each). Written shard by shard, with model.safetensors.index.json. No tokenizer is
+generated: --tokenizer DIR copies the tokenizer files found in DIR (e.g. one written by scripts/qwen_tokenizer.py, the real Qwen vocabulary).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import math
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -93,6 +95,14 @@ def make_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torc
     return t.to(torch.bfloat16)
 
 
+def write_shard(out: Path, fname: str, shapes: dict[str, tuple[int, ...]], seed: int) -> int:
+    """Write one shard of the tensors `shapes` from a generator seeded by `seed`; its bytes."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {n: make_tensor(n, shape, gen) for n, shape in shapes.items()}
+    write_safetensors(out / fname, tensors, {"format": "pt"})
+    return sum(t.numel() * 2 for t in tensors.values())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--out", type=Path, required=True)
@@ -100,6 +110,7 @@ def main():
     ap.add_argument("--mtp", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=1.0)
+    ap.add_argument("--jobs", type=int, default=1, help="Shards written at once, each in a process of its own.")
     ap.add_argument("--tokenizer", type=Path, help="Copy the tokenizer files of this directory in.")
     args = ap.parse_args()
     c = dict(REAL, num_hidden_layers=args.layers)
@@ -115,15 +126,15 @@ def main():
         cur.append(name)
         size += n
     groups.append(cur)
-    gen = torch.Generator().manual_seed(args.seed)
-    weight_map, total = {}, 0
-    for k, names in enumerate(groups, 1):
-        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: make_tensor(n, shapes[n], gen) for n in names}
-        write_safetensors(args.out / fname, tensors, {"format": "pt"})
-        total += sum(t.numel() * 2 for t in tensors.values())
-        weight_map.update({n: fname for n in names})
-        print(f"wrote {fname} ({len(names)} tensors)", flush=True)
+    names = [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    weight_map = {n: fname for fname, group in zip(names, groups) for n in group}
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        jobs = [pool.submit(write_shard, args.out, fname, {n: shapes[n] for n in group}, args.seed * 100_003 + k)
+                for k, (fname, group) in enumerate(zip(names, groups))]
+        total = 0
+        for fname, group, job in zip(names, groups, jobs):
+            total += job.result()
+            print(f"wrote {fname} ({len(group)} tensors)", flush=True)
     (args.out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     config = {
