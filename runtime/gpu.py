@@ -17,7 +17,7 @@ split-half RoPE, softmax -> top-k MoE with a sigmoid-gated shared expert); diffe
   sigmoid) in one kernel; in decode, the shared expert inside the routed experts' two GEMV kernels, the DeltaNet
   gates inside the recurrent step, the conv state updated in place; attention's q/k norm + RoPE + KV-cache write
   in one kernel (runtime/triton/qk_rope.py), and for decode and verify over short spans scores, softmax, values
-  and the output gate in one more (runtime/triton/attn_decode.py);
+  and the output gate in two more (runtime/triton/attn_decode.py: split-K over the span, then the combine);
 - caches are allocated once for `max_batch` x `max_seq`; a decode step reads the position from a device
   tensor, so the step is captured once per (batch, attention-length bucket) as a CUDA graph and replayed.
 Prefill always starts a new sequence (caches reset); `decode` accepts one token per sequence.
@@ -51,10 +51,26 @@ from .backends import Model, register_backend
 from .rope import rope_parameters
 
 ATTN_BUCKET = 256  # decode attends over the cache rounded up to this many positions (one graph per bucket)
-ATTN_FUSED_MAX_SPAN = 2048  # decode / verify attention up to this span: one kernel (triton/attn_decode.py)
+ATTN_FUSED_MAX_SPAN = 2048  # decode / verify attention up to this span: fused kernels (triton/attn_decode.py)
+ATTN_DECODE_KERNEL = "split"  # "split": split-K over the span + combine; "serial": version 5's one-launch kernel
 
 # name -> tensor, QuantizedTensor, ExpertMatrix (for the stacked names f"{prefix}.experts.{part}") or None
 TensorSource = Callable[[str], Any]
+
+
+def cache_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, positions: torch.Tensor, span: int
+                    ) -> torch.Tensor:
+    """Unfused decode / verify attention (spans past ATTN_FUSED_MAX_SPAN, and the A/B baseline): q [B, Hq, T, D]
+    over the first `span` rows of the caches [B, Hkv, S, D], key j visible to token t iff j <= positions[t];
+    scores in fp32, probabilities in q's dtype -> [B, Hq, T, D]."""
+    b, hq, t, d = q.shape
+    hkv = kc.shape[1]
+    qg = q.reshape(b, hkv, (hq // hkv) * t, d)  # query heads of one KV head side by side (GQA)
+    s = (qg @ kc[:, :, :span].transpose(-1, -2)).float() * d ** -0.5  # [B, Hkv, r*T, span]
+    visible = torch.arange(span, device=q.device)[None, :] <= positions[:, None]  # [T, span]
+    s = s.view(b, hkv, hq // hkv, t, span).masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(q.dtype).view(b, hkv, -1, span)
+    return (p @ vc[:, :, :span]).view(b, hq, t, d)
 
 
 # ---- expert packing (registry: storage kind -> packer) ------------------------------------------------------
@@ -286,7 +302,7 @@ class GpuModel:
                   fresh: bool, span: int) -> torch.Tensor:
         """fresh: the cache is empty (prefill) -> causal flash attention over the new keys; else attend over the
         first `span` cache positions, key j visible to query t iff j <= positions[t]."""
-        from .triton.attn_decode import attn_decode_into
+        from .triton.attn_decode import attn_decode_into, attn_decode_serial_into
         from .triton.qk_rope import qk_norm_rope_into
 
         c = self.config
@@ -299,21 +315,17 @@ class GpuModel:
         kc, vc = st["k"][:b], st["v"][:b]
         qk_norm_rope_into(proj, (hq, hkv, d), (nq + ng, nq + ng + nk), positions, self.rope, lw.mixer["q_norm"],
                           lw.mixer["k_norm"], (lw.offsets["q"], lw.offsets["k"]), c.rms_norm_eps, q, kc, vc)
-        if not fresh and span <= ATTN_FUSED_MAX_SPAN:  # one launch: scores, softmax, values and the gate
+        if not fresh and span <= ATTN_FUSED_MAX_SPAN:  # scores, softmax, values and the gate fused
             o = torch.empty(b, t, hq * d, dtype=x.dtype, device=x.device)
-            attn_decode_into(q, kc, vc, positions, span, gate, o)
+            fused = attn_decode_serial_into if ATTN_DECODE_KERNEL == "serial" else attn_decode_into
+            fused(q, kc, vc, positions, span, gate, o)
             return F.linear(o, lw.out)
         if fresh:  # positions are 0 .. t-1: the new keys are the cache's first t rows
             r = hq // hkv
             o = F.scaled_dot_product_attention(q, kc[:, :, :t].repeat_interleave(r, 1),
                                                vc[:, :, :t].repeat_interleave(r, 1), is_causal=True, scale=d ** -0.5)
         else:
-            qg = q.reshape(b, hkv, (hq // hkv) * t, d)  # query heads of one KV head side by side (GQA)
-            s = (qg @ kc[:, :, :span].transpose(-1, -2)).float() * d ** -0.5  # [B, Hkv, r*T, span]
-            visible = torch.arange(span, device=x.device)[None, :] <= positions[:, None]  # [T, span]
-            s = s.view(b, hkv, hq // hkv, t, span).masked_fill(~visible, float("-inf"))
-            p = torch.softmax(s, dim=-1).to(x.dtype).view(b, hkv, -1, span)
-            o = (p @ vc[:, :, :span]).view(b, hq, t, d)
+            o = cache_attention(q, kc, vc, positions, span)
         o = o.transpose(1, 2).reshape(b, t, hq * d) * torch.sigmoid(gate)
         return F.linear(o, lw.out)
 

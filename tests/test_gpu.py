@@ -466,27 +466,60 @@ def test_int4_tile_dequantization_is_exact(scheme, bk):
     assert torch.equal(out.cpu(), ref)
 
 
-@pytest.mark.parametrize("T,positions", [(1, [300]), (4, [37, 38, 39, 40]), (2, [0, 1])])
-def test_attn_decode_kernel_matches_reference(T, positions):
-    """One-launch gated attention over the cache (decode, verify) vs softmax(q K^T / sqrt(D)) V * sigmoid(gate) in
-    fp32 over each token's visible rows 0 .. positions[t], at the real head shape (16 query heads on 2 KV heads of
-    256); rows past a token's position hold poison (NaN) that must not be read."""
-    from nextq.runtime.triton.attn_decode import attn_decode_into
+def attn_reference(q, kc, vc, positions, gate):
+    """runtime/model.py's CPU attention in fp32 on the values the kernel saw: key j visible to token t iff
+    j <= positions[t], GQA, scores scaled by D^-0.5, output times sigmoid(gate) in the [B, T, Hq * D] layout."""
+    b, hq, t, d = q.shape
+    s = max(positions) + 1
+    qf, kf, vf, gf = (x.float().cpu() for x in (q, kc[:, :, :s], vc[:, :, :s], gate))
+    mask = torch.arange(s)[None, :] <= torch.tensor(positions)[:, None]  # [T, S]
+    o = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=True, scale=d ** -0.5)
+    return o.transpose(1, 2).reshape(b, t, hq * d) * torch.sigmoid(gf)
 
-    g = torch.Generator().manual_seed(T)
-    b, hq, hkv, d, span = 2, 16, 2, 256, 512
-    q = torch.randn(b, hq, T, d, generator=g).to(DEV, torch.bfloat16)
-    kc, vc = (torch.randn(b, hkv, span + 64, d, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+
+def attn_inputs(b, t, visible, span, dtype=torch.bfloat16, hq=16, hkv=2, d=256, seed=0):
+    """Fresh random q / caches / gate at the real head shape (16 query heads on 2 KV heads of 256) for T tokens
+    whose last sees `visible` cache rows (positions visible - T .. visible - 1, clipped at 0), caches of span + 64
+    rows; cache rows past the last position hold NaN, which must not be read; out is poisoned with NaN."""
+    g = torch.Generator().manual_seed(seed)
+    positions = [max(0, visible - t + i) for i in range(t)]
+    q = torch.randn(b, hq, t, d, generator=g).to(DEV, dtype)
+    kc, vc = (torch.randn(b, hkv, span + 64, d, generator=g).to(DEV, dtype) for _ in range(2))
     for c in (kc, vc):
         c[:, :, max(positions) + 1:] = float("nan")
-    gate = torch.randn(b, T, 3 * hq * d, generator=g).to(DEV, torch.bfloat16)[..., hq * d:2 * hq * d]  # a view
-    out = torch.full((b, T, hq * d), float("nan"), device=DEV, dtype=torch.bfloat16)
-    attn_decode_into(q, kc, vc, torch.tensor(positions, device=DEV), span, gate, out)
-    qf, kf, vf, gf = (x.float().cpu() for x in (q, kc, vc, gate))
-    ref = torch.empty(b, T, hq, d)
-    for t, p in enumerate(positions):
-        k_t = kf[:, :, :p + 1].repeat_interleave(hq // hkv, 1)  # [B, Hq, p + 1, D]
-        s = (qf[:, :, t:t + 1] @ k_t.transpose(-1, -2)) * d ** -0.5
-        ref[:, t] = (torch.softmax(s, -1) @ vf[:, :, :p + 1].repeat_interleave(hq // hkv, 1))[:, :, 0]
-    ref = ref.reshape(b, T, hq * d) * torch.sigmoid(gf)
-    assert rel(out, ref) <= TOL
+    gate = torch.randn(b, t, 3 * hq * d, generator=g).to(DEV, dtype)[..., hq * d:2 * hq * d]  # a view, as in gpu.py
+    out = torch.full((b, t, hq * d), float("nan"), device=DEV, dtype=dtype)
+    return q, kc, vc, positions, gate, out
+
+
+ATTN_PROMPT = 512  # "prompt+k": the verify step after a 512-token prompt, T = k + 1 tokens
+
+
+@pytest.mark.parametrize("kernel", ["split", "serial"])
+@pytest.mark.parametrize("visible", [1, 31, 32, 33, 2047, 2048, "prompt+k"])
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+def test_attn_decode_kernel_matches_reference(kernel, visible, B, T):
+    """Fused decode / verify attention (runtime/triton/attn_decode.py: the split-K kernel and version 5's serial
+    one) vs the CPU attention over each token's visible rows. The kernel's span is the visible length itself, or
+    the runtime's bucket (multiple of 256) for 1 and prompt+k."""
+    from nextq.runtime.triton.attn_decode import attn_decode_into, attn_decode_serial_into
+
+    vis = ATTN_PROMPT + T if visible == "prompt+k" else visible
+    span = -(-vis // 256) * 256 if visible in (1, "prompt+k") else vis
+    q, kc, vc, positions, gate, out = attn_inputs(B, T, vis, span, seed=vis * 37 + B * 5 + T)
+    fn = attn_decode_into if kernel == "split" else attn_decode_serial_into
+    fn(q, kc, vc, torch.tensor(positions, device=DEV), span, gate, out)
+    assert rel(out, attn_reference(q, kc, vc, positions, gate)) <= TOL
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7, 1000])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, TOL), (torch.float32, 1e-5)])
+def test_attn_decode_split_counts_and_fp32(splits, dtype, tol):
+    """Any number of slices (rows per slice a multiple of the block) gives the same attention; fp32 caches take
+    fp32 products (no tf32): the embedded model runs the GPU executor in fp32."""
+    from nextq.runtime.triton.attn_decode import attn_decode_into
+
+    q, kc, vc, positions, gate, out = attn_inputs(2, 4, 600, 768, dtype=dtype, seed=splits)
+    attn_decode_into(q, kc, vc, torch.tensor(positions, device=DEV), 768, gate, out, splits=splits)
+    assert rel(out, attn_reference(q, kc, vc, positions, gate)) <= tol
