@@ -4,7 +4,7 @@ tokens/s), and llama.cpp's `--spec-type draft-mtp` (llama-speculative-simple, bu
 drafting with nextq's MTP GGUF (`nextq export gguf --mtp-only`) on the same prompts, its acceptance beside nextq's.
 
     python scripts/bench_mtp.py [--prompts 8] [--new-tokens 256] [--backends torch,ort] [--no-llama-cpp] [--json F]
-    python scripts/bench_mtp.py --gpu [--layers 4,48] [--json F]        # runtime/gpu.py (needs CUDA)
+    python scripts/bench_mtp.py --gpu [--layers 4,48] [--steps-only] [--json F]   # runtime/gpu.py (needs CUDA)
 
 `--gpu`: the embedded model on the GPU executor (plain greedy vs speculative greedy, same prompts; fp32 and bf16),
 then step costs at Qwen3-Next-80B dimensions with random weights and int4 experts (scripts/bench_gpu.py builds
@@ -235,17 +235,36 @@ def composite(decode: float, draft: float, verify: dict, catchup: dict, commit: 
     return tokens * decode / cost
 
 
-def bench_gpu_steps(layers: int) -> dict:
-    """Step costs (ms, CUDA-graph replays) at 80B dimensions with `layers` layers and one MTP layer."""
+def step_model(layers: int):
+    """GpuModel at 80B dimensions with `layers` layers and one MTP layer, random weights, int4 experts."""
     import dataclasses
-
-    import torch
 
     import bench_gpu  # noqa: E402  (scripts/bench_gpu.py: the 80B-dimension builder and timer)
     from nextq.runtime.gpu import GpuModel
 
     cfg = dataclasses.replace(bench_gpu.qwen3_next_80b(layers), mtp_num_hidden_layers=1)
-    model = GpuModel(cfg, bench_gpu.random_source(cfg, "int4"), max_batch=1, max_seq=2048)
+    return GpuModel(cfg, bench_gpu.random_source(cfg, "int4"), max_batch=1, max_seq=2048)
+
+
+def bench_gpu_steps(layers: int) -> dict:
+    """Step costs (ms, CUDA-graph replays) at 80B dimensions with `layers` layers and one MTP layer."""
+    import torch
+
+    model = step_model(layers)
+    res = step_costs(model)
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
+def step_costs(model, draft: bool = True) -> dict:
+    """Decode, verify of 1 .. max(KS) + 1 tokens and (draft) the head's steps of `model` after a 512-token prompt,
+    each a CUDA-graph replay (ms), with the ratios and composites; draft=False: decode and verify alone."""
+    import torch
+
+    import bench_gpu  # noqa: E402
+
+    cfg, layers = model.config, model.config.num_hidden_layers
     ids = torch.randint(0, cfg.vocab_size, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     model.generate_speculative_greedy(ids, 16, max(KS))  # allocates the slots, captures what a run meets
     first = model.prefill(ids).argmax(-1, keepdim=True)
@@ -260,25 +279,25 @@ def bench_gpu_steps(layers: int) -> dict:
     span = model._span(model.length + max(KS) + 1)
     res["verify_ms"] = {t: bench_gpu.time_cuda(model._spec_graph("verify", 1, t, span).replay, reps=20)
                         for t in range(1, max(KS) + 2)}
+    d = res["decode_ms"]
+    res["verify_over_decode"] = {t: v / d for t, v in res["verify_ms"].items()}
+    if not draft:
+        return res
     mspan = model._span(int(model.mtp_pos) + 160)  # the replays below move the head's position by < 160
     res["draft_ms"] = bench_gpu.time_cuda(model._spec_graph("mtp", 1, 1, mspan, 2).replay, reps=20)
     res["catchup_ms"] = {t: bench_gpu.time_cuda(model._spec_graph("mtp", 1, t, mspan, 1).replay, reps=10)
                          for t in range(1, max(KS) + 2)}
     res["commit_ms"] = {n: bench_gpu.time_cuda(model._spec_graph("commit", 1, n).replay, reps=10)
                         for n in range(1, max(KS) + 2)}
-    d = res["decode_ms"]
-    res["verify_over_decode"] = {t: v / d for t, v in res["verify_ms"].items()}
     res["draft_over_decode"] = res["draft_ms"] / d
     res["composite_speedup"] = {
         f"a={a_}": {k: composite(d, res["draft_ms"], res["verify_ms"], res["catchup_ms"], res["commit_ms"], k, a_)
                     for k in KS} for a_ in (0.5, 0.7, 0.8)}
-    del model
-    torch.cuda.empty_cache()
     return res
 
 
 def main_gpu(args, ir: Path, prompts: list[str]) -> dict:
-    result = {"embedded": bench_gpu_embedded(ir, prompts, args.new_tokens), "steps": {}}
+    result = {"embedded": {} if args.steps_only else bench_gpu_embedded(ir, prompts, args.new_tokens), "steps": {}}
     for name, r in result["embedded"].items():
         print(f"gpu embedded {name}: plain {r['plain_tokens_per_s']:.0f} tok/s")
         for k, v in r["k"].items():
@@ -305,6 +324,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--gpu", action="store_true", help="the GPU executor instead (see the module docstring)")
     ap.add_argument("--layers", default="4,48", help="with --gpu: layer counts at 80B dimensions")
+    ap.add_argument("--steps-only", action="store_true", help="with --gpu: the 80B-dimension step costs alone")
     args = ap.parse_args()
     prompts = PROMPTS[: args.prompts]
     work = Path(tempfile.mkdtemp(prefix="nextq-bench-mtp-"))
