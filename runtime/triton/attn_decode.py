@@ -15,9 +15,9 @@ programs on 132 SMs, each ~20 dependent block steps: latency-bound. Here
   writes its partial (running max m, sum l, unnormalised output acc) in fp32;
 - `_attn_combine_kernel`, grid (B * T, Hq): rescales the partials of the slices that hold visible rows by
   exp(m - max m), normalises, applies the gate and writes the output.
-The number of slices comes from the grid (B * Hkv programs per slice) and the span (`num_splits`): about two
-programs per SM, at least one block of rows per slice. It does not depend on T, so a verify step slices the span
-as the decode step of the same span does. The visible length is read on the device (positions), so the grid is
+The number of slices comes from the grid (B * Hkv programs per slice) and the span (`num_splits`): at most about
+one program per SM, a few blocks of rows per slice on long spans (each slice costs the combine a read). It does
+not depend on T, so a verify step slices the span as the decode step of the same span does. The visible length is read on the device (positions), so the grid is
 fixed per (B, T, span) and the launch can be graph-captured; slices past the last visible row write nothing.
 """
 
@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 BLOCK_S = 32  # cache rows per step
-PROGRAMS_PER_SM = 2  # the split kernel's grid aims at this many programs per SM
+MIN_SPLITS = 8  # slices of a short span
+MIN_SLICE_BLOCKS = 3  # blocks per slice at least, past MIN_SPLITS slices (the combine reads every slice)
 COMBINE_BLOCK = 8  # partials the combine kernel reads per step
 
 
@@ -40,12 +41,15 @@ def _sm_count(index: int) -> int:
 
 
 def num_splits(groups: int, span: int, device: torch.device | str | None = None) -> int:
-    """Slices of the span for `groups` = B * Hkv (sequence, KV head) pairs: enough that the grid has about
-    PROGRAMS_PER_SM programs per SM, at most one per block of BLOCK_S rows."""
+    """Slices of the span for `groups` = B * Hkv (sequence, KV head) pairs: MIN_SPLITS, or one per MIN_SLICE_BLOCKS
+    blocks of BLOCK_S rows on longer spans, but no more programs than about one per SM, nor slices than blocks.
+    From the fixed-count sweep of scripts/ab_attn.py on the H200 (132 SMs; docs/gpu.md): at B = 1 over 640 rows,
+    8 - 16 slices took 8.1 - 8.2 us and 24 took 8.5; over 2000 rows 16 took 10.7 us and 64 took 15.0; at B = 8,
+    8 slices were the fastest at both spans."""
     dev = torch.device(device if device is not None else "cuda")
     sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
     blocks = triton.cdiv(span, BLOCK_S)
-    return max(1, min(blocks, triton.cdiv(PROGRAMS_PER_SM * sms, groups)))
+    return max(1, min(blocks, triton.cdiv(sms, groups), max(MIN_SPLITS, blocks // MIN_SLICE_BLOCKS)))
 
 
 @triton.jit
