@@ -74,7 +74,7 @@ FULL_CACHE_LIMIT = 1 << 30  # bytes of float32 reference logits above which `aut
 BATCH_LOGITS_BYTES = 256 << 20  # default batch: as many windows (at most 4) as keep one batch's float32 logits below
 DEFAULT_TOP_K = 128
 KLD_HIST_BINS = 40
-CHUNK_ELEMENTS = 1 << 24  # logits per float64 metrics chunk (128 MiB): CHUNK_ELEMENTS // V positions at a time
+CHUNK_ELEMENTS = 1 << 22  # logits per float64 metrics chunk (32 MiB): CHUNK_ELEMENTS // V positions at a time
 TRANSFORMERS_LIMIT = 4 << 30  # float32 bytes of an HF reference's weights above which it is streamed
 STREAM_TOKENS = 1 << 15  # tokens per layer-streamed pass: bounds the hidden states held at STREAM_TOKENS * H * 4 B
 
@@ -208,27 +208,30 @@ class DriftAccumulator:
 
     def add(self, ref: RefBatch, cand: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> None:
         """ref: one batch; cand: logits [B, T, V]; targets, mask: [B, T-1]."""
-        c = np.asarray(cand)[:, :-1][mask]  # [n, V]
+        bi, ti = np.nonzero(mask)  # the n positions scored; logits rows are gathered one chunk at a time
+        c = np.asarray(cand)  # [B, T, V]
         t = targets[mask]  # [n]
         if ref.logits is not None:
-            r = np.asarray(ref.logits)[:, :-1][mask]
+            r = np.asarray(ref.logits)
         else:
             r_ids, r_logits = ref.topk_ids[:, :-1][mask], ref.topk_logits[:, :-1][mask]  # [n, k]
             r_lp, r_nll = r_logits - ref.lse[:, :-1][mask][:, None], ref.nll[mask]
         rows = chunk_rows(c.shape[-1])
         for s in range(0, t.shape[0], rows):
             sl = slice(s, s + rows)
-            self.nll_cand.append(metrics.nll(c[sl], t[sl]))
+            cs = c[bi[sl], ti[sl]]  # [rows, V]
+            self.nll_cand.append(metrics.nll(cs, t[sl]))
             if ref.logits is not None:
-                self.nll_ref.append(metrics.nll(r[sl], t[sl]))
-                self.kld.append(metrics.kl_divergence(r[sl], c[sl]))
-                self.agree.append(np.argmax(r[sl], -1) == np.argmax(c[sl], -1))
-                err = np.abs(c[sl].astype(np.float64) - r[sl])
+                rs = r[bi[sl], ti[sl]]
+                self.nll_ref.append(metrics.nll(rs, t[sl]))
+                self.kld.append(metrics.kl_divergence(rs, cs))
+                self.agree.append(np.argmax(rs, -1) == np.argmax(cs, -1))
+                err = np.abs(cs.astype(np.float64) - rs)
             else:
                 self.nll_ref.append(r_nll[sl])
-                self.kld.append(metrics.kl_divergence_topk(r_ids[sl], r_lp[sl], c[sl]))
-                self.agree.append(r_ids[sl][:, 0] == np.argmax(c[sl], -1))
-                err = np.abs(np.take_along_axis(c[sl], r_ids[sl].astype(np.int64), -1).astype(np.float64)
+                self.kld.append(metrics.kl_divergence_topk(r_ids[sl], r_lp[sl], cs))
+                self.agree.append(r_ids[sl][:, 0] == np.argmax(cs, -1))
+                err = np.abs(np.take_along_axis(cs, r_ids[sl].astype(np.int64), -1).astype(np.float64)
                              - r_logits[sl])
             if err.size:
                 self.err_max = max(self.err_max, float(err.max()))
