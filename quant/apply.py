@@ -50,6 +50,7 @@ class TensorRecord:
     tokens: int  # calibration tokens its input saw (0 when not calibrated)
     params: int
     nbytes: int
+    fallback: tuple[str, ...] = ()  # the plan's fallbacks for its row length (PlanEntry.fallback)
 
 
 class Prefetcher:
@@ -196,7 +197,7 @@ def quantized_view(graph: Graph, recipe: Recipe, *, stats: calibrate.Calibration
             done[key] = (math.prod(shapes[name] if ab is None else (ab[1] - ab[0], *shapes[name][1:])), _nbytes(t))
             got = [done[k] for k in parts[name] or (name,) if k in done]
             records[name] = TensorRecord(name, entry.cls, entry.scheme, how, tokens, sum(p for p, _ in got),
-                                         sum(b for _, b in got))
+                                         sum(b for _, b in got), entry.fallback)
         if on_done is not None:
             on_done(name, sizes[key])
         return t
@@ -332,17 +333,21 @@ def build_report(recipe: Recipe, records: dict[str, TensorRecord], coverage: dic
     params = sum(r.params for r in records.values())
     nbytes = sum(r.nbytes for r in records.values())
     methods: dict[str, int] = defaultdict(int)
+    fallbacks: dict[str, int] = defaultdict(int)  # "q4_k -> q5_0 (K=128 is not a multiple of 256)" -> tensors
     for r in records.values():
         methods[r.method] += 1
+        for f in r.fallback:
+            fallbacks[f] += 1
     return {
         "recipe": recipe.to_json(),
         "params": params,
         "bytes": nbytes,
         "bits_per_weight": 8 * nbytes / max(params, 1),
         "methods": dict(methods),
+        "fallbacks": dict(sorted(fallbacks.items())),
         "classes": {k: {**v, "schemes": sorted(v["schemes"]), "bits_per_weight": 8 * v["bytes"] / max(v["params"], 1)}
                     for k, v in sorted(classes.items())},
         "calibration": coverage,
-        "tensors": {n: {"class": r.cls, "scheme": r.scheme, "method": r.method, "tokens": r.tokens}
-                    for n, r in records.items()},
+        "tensors": {n: {"class": r.cls, "scheme": r.scheme, "method": r.method, "tokens": r.tokens,
+                        **({"fallback": list(r.fallback)} if r.fallback else {})} for n, r in records.items()},
     }

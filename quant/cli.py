@@ -94,6 +94,8 @@ def quantize_cmd(ir, output, recipe, target_bpw, calibrate, calib_text, calib_to
     table.add_row("total", str(sum(c["tensors"] for c in report["classes"].values())), "",
                   f"{report['bits_per_weight']:.2f}", style="bold")
     out.print(table)
+    for what, n in report["fallbacks"].items():  # stated, never silent: llama.cpp's own fallback for the row length
+        out.print(f"fallback as llama.cpp's: {n} tensor(s) {what}")
     if report["calibration"] is not None:
         out.print((output / REPORT_MD).read_text())
     if allocation is not None:

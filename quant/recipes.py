@@ -286,6 +286,7 @@ class PlanEntry:
     cls: str
     scheme: str  # "keep" or a SCHEMES key
     origin: str  # the recipe field or override that decided it
+    fallback: tuple[str, ...] = ()  # llama.cpp's fallbacks taken for its row length, each stated (fit_scheme)
 
 
 def fit_scheme(scheme: str, k: int) -> tuple[str, list[str]]:
@@ -312,18 +313,17 @@ def plan_schemes(recipe: Recipe, c: ModelConfig, shapes: Mapping[str, tuple[int,
     mixed = llama_mix(recipe.mix, c) if recipe.mix else None
     for name, cls in tensor_classes(c).items():
         scheme, origin = recipe.scheme_for(name, cls, mixed)
+        taken: list[str] = []
         shape = tuple(shapes[name])
         if scheme != KEEP and scheme not in FLOAT_DTYPES:
             if len(shape) != 2:
                 problems.append(f"{name} ({origin}): {scheme} needs a 2-D weight, got shape {list(shape)}")
             else:
                 scheme, taken = fit_scheme(scheme, shape[1])
-                if taken:
-                    origin = f"{origin}; fallback {', '.join(taken)}"
                 g = SCHEMES[scheme].k_multiple
                 if shape[1] % g:
                     problems.append(f"{name} ({origin}): {scheme} needs K to be a multiple of {g}, got K={shape[1]}")
-        plan[name] = PlanEntry(cls, scheme, origin)
+        plan[name] = PlanEntry(cls, scheme, origin, tuple(taken))
     if problems:
         more = f" ... (+{len(problems) - 4} more)" if len(problems) > 4 else ""
         raise RecipeError(f"recipe {recipe.name}: {len(problems)} tensor(s) cannot take their scheme: "

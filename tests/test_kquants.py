@@ -172,7 +172,14 @@ def test_recipe_gguf_equals_llama_quantize(wide_ir, mix, tmp_path):
     r = subprocess.run([sys.executable, "-c", QUANTIZE_SCRIPT, str(wide_ir / "f32.gguf"), str(theirs),
                         str(LLAMA_FTYPES[mix])], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    quantize_graph(Graph.load(wide_ir / "ir"), RECIPES[mix], tmp_path / "ir")
+    report = quantize_graph(Graph.load(wide_ir / "ir"), RECIPES[mix], tmp_path / "ir")
+    # the fallback is stated, never silent: attention's output projection (K = 128) in the report and per tensor
+    fell = {n: t["fallback"] for n, t in report["tensors"].items() if "fallback" in t}
+    want = {"q4_k_m": "q4_k -> q5_0 (K=128 is not a multiple of 256)",
+            "q6_k": "q6_k -> int8_g32 (K=128 is not a multiple of 256)"}[mix]
+    assert report["fallbacks"] == {want: 2}, report["fallbacks"]
+    assert sorted(fell) == ["layers.1.mixer.o.weight", "mtp.layers.0.mixer.o.weight"]
+    assert sum(report["fallbacks"].values()) == sum(map(len, fell.values()))
     ours = tmp_path / "nextq.gguf"
     export_gguf(Graph.load(tmp_path / "ir"), ours)
     a = {t.name: t for t in GGUFReader(ours).tensors}
