@@ -75,33 +75,36 @@ def convert_direct(source: str, output: Path, recipe: str, to: str = "gguf", rev
                    rope_scaling: str | None = None) -> dict:
     """Checkpoint -> quantized `to` (ir | gguf | onnx) in one pass, RTN (no calibration); returns a summary.
 
-    Summary: {"tensors": per-output-type counts (gguf) or the quantization report (ir), "source_bytes": n}.
+    Summary: {"tensors": per-output-type counts (gguf) or the quantization report's methods (ir), "source_bytes": n,
+    "fallbacks": llama.cpp's row-length fallbacks the plan takes -> tensors}.
     """
     from nextq.quant.apply import _source_bytes, quantize_graph, quantized_view
-    from nextq.quant.recipes import get_recipe
+    from nextq.quant.recipes import fallback_counts, get_recipe, plan_schemes
 
     if to not in TARGETS:
         raise click.UsageError(f"--to {to!r}: supported: {', '.join(TARGETS)}")
     rec = get_recipe(recipe)
     graph = read_source(source, revision, rope_scaling, hash_shards=(to == "ir"))  # hashes: only an IR keeps them
     total = sum(_source_bytes(t) for t in graph.tensors.values())
+    plan = plan_schemes(rec, graph.config, {n: tuple(t.shape) for n, t in graph.tensors.items()})
+    fallbacks = fallback_counts(e.fallback for e in plan.values())
     label = f"{rec.name} -> {to}"
     with byte_progress(total, label, progress) as advance:
         if to == "ir":
             report = quantize_graph(graph, rec, output, force=force, workers=workers, on_done=advance)
-            return {"tensors": report["methods"], "source_bytes": total}
+            return {"tensors": report["methods"], "source_bytes": total, "fallbacks": fallbacks}
         if to == "gguf":
             from .gguf_export import GGUFOptions, consumption_order, export_gguf
 
             with quantized_view(graph, rec, workers=workers, order=consumption_order(graph),
                                 on_done=advance) as view:
                 counts = export_gguf(view, output, GGUFOptions(), force=force)
-            return {"tensors": counts, "source_bytes": total}
+            return {"tensors": counts, "source_bytes": total, "fallbacks": fallbacks}
         from .onnx_export import export_onnx
 
         with quantized_view(graph, rec, workers=workers, on_done=advance) as view:
             export_onnx(view, output, force=force)
-        return {"tensors": {}, "source_bytes": total}
+        return {"tensors": {}, "source_bytes": total, "fallbacks": fallbacks}
 
 
 @click.command("convert")
@@ -139,5 +142,9 @@ def convert_cmd(source, output, to, recipe, workers, revision, dtype, rope_scali
     counts = ", ".join(f"{n} {t}" for t, n in sorted(summary["tensors"].items()))
     size = (output.stat().st_size if output.is_file()
             else sum(p.stat().st_size for p in output.rglob("*") if p.is_file()))
+    from nextq.quant.recipes import fallback_lines
+
+    for line in fallback_lines(summary["fallbacks"]):
+        console.print(line)
     console.print(f"[green]wrote[/] {output} ({counts or to}), {size / 2**20:.1f} MiB "
                   f"from {summary['source_bytes'] / 2**20:.1f} MiB of source tensors")

@@ -31,7 +31,7 @@ from nextq.graph import Graph, QuantRef, SourceTensor
 
 from . import calibrate
 from .fp8 import SOURCE_SCHEMES, keeps_source
-from .recipes import KEEP, PlanEntry, Recipe, plan_schemes
+from .recipes import KEEP, PlanEntry, Recipe, fallback_counts, plan_schemes
 from .schemes import FLOAT_DTYPES, quantize, row_block
 from .tensor import QuantizedTensor, join_rows
 
@@ -333,18 +333,15 @@ def build_report(recipe: Recipe, records: dict[str, TensorRecord], coverage: dic
     params = sum(r.params for r in records.values())
     nbytes = sum(r.nbytes for r in records.values())
     methods: dict[str, int] = defaultdict(int)
-    fallbacks: dict[str, int] = defaultdict(int)  # "q4_k -> q5_0 (K=128 is not a multiple of 256)" -> tensors
     for r in records.values():
         methods[r.method] += 1
-        for f in r.fallback:
-            fallbacks[f] += 1
     return {
         "recipe": recipe.to_json(),
         "params": params,
         "bytes": nbytes,
         "bits_per_weight": 8 * nbytes / max(params, 1),
         "methods": dict(methods),
-        "fallbacks": dict(sorted(fallbacks.items())),
+        "fallbacks": fallback_counts(r.fallback for r in records.values()),
         "classes": {k: {**v, "schemes": sorted(v["schemes"]), "bits_per_weight": 8 * v["bytes"] / max(v["params"], 1)}
                     for k, v in sorted(classes.items())},
         "calibration": coverage,

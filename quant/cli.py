@@ -59,7 +59,7 @@ def quantize_cmd(ir, output, recipe, target_bpw, calibrate, calib_text, calib_to
     from . import allocate
     from . import calibrate as cal
     from .apply import REPORT_MD, quantize_graph
-    from .recipes import plan_schemes
+    from .recipes import fallback_lines, plan_schemes
 
     if (recipe is None) == (target_bpw is None):
         raise RecipeError("quantize: give exactly one of --recipe NAME|FILE and --target-bpw X")
@@ -94,8 +94,8 @@ def quantize_cmd(ir, output, recipe, target_bpw, calibrate, calib_text, calib_to
     table.add_row("total", str(sum(c["tensors"] for c in report["classes"].values())), "",
                   f"{report['bits_per_weight']:.2f}", style="bold")
     out.print(table)
-    for what, n in report["fallbacks"].items():  # stated, never silent: llama.cpp's own fallback for the row length
-        out.print(f"fallback as llama.cpp's: {n} tensor(s) {what}")
+    for line in fallback_lines(report["fallbacks"]):
+        out.print(line)
     if report["calibration"] is not None:
         out.print((output / REPORT_MD).read_text())
     if allocation is not None:
@@ -116,7 +116,7 @@ def recipes_cmd(model, targets):
     """List the built-in quantization recipes: the scheme of each tensor class and bits per weight."""
     from nextq.graph import expected_tensors
 
-    from .recipes import plan_schemes
+    from .recipes import fallback_lines, plan_schemes
 
     if model is not None:
         from nextq import read

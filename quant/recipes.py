@@ -46,7 +46,8 @@ import fnmatch
 import functools
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,16 @@ def fit_scheme(scheme: str, k: int) -> tuple[str, list[str]]:
         taken.append(f"{scheme} -> {nxt} (K={k} is not a multiple of {SCHEMES[scheme].k_multiple})")
         scheme = nxt
     return scheme, taken
+
+
+def fallback_counts(taken: Iterable[tuple[str, ...]]) -> dict[str, int]:
+    """How many tensors took each of llama.cpp's row-length fallbacks (each tensor's PlanEntry.fallback), sorted."""
+    return dict(sorted(Counter(f for fallbacks in taken for f in fallbacks).items()))
+
+
+def fallback_lines(counts: Mapping[str, int]) -> list[str]:
+    """The fallbacks stated for the console, one line each: never silent."""
+    return [f"fallback as llama.cpp's: {n} tensor(s) {what}" for what, n in counts.items()]
 
 
 def plan_schemes(recipe: Recipe, c: ModelConfig, shapes: Mapping[str, tuple[int, ...]] | None = None

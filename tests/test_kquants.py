@@ -180,6 +180,10 @@ def test_recipe_gguf_equals_llama_quantize(wide_ir, mix, tmp_path):
     assert report["fallbacks"] == {want: 2}, report["fallbacks"]
     assert sorted(fell) == ["layers.1.mixer.o.weight", "mtp.layers.0.mixer.o.weight"]
     assert sum(report["fallbacks"].values()) == sum(map(len, fell.values()))
+    from nextq.convert.cli import convert_direct  # the direct path states the same fallbacks
+
+    direct = convert_direct(str(wide_ir / "hf"), tmp_path / "direct.gguf", mix, "gguf", progress=False)
+    assert direct["fallbacks"] == report["fallbacks"]
     ours = tmp_path / "nextq.gguf"
     export_gguf(Graph.load(tmp_path / "ir"), ours)
     a = {t.name: t for t in GGUFReader(ours).tensors}
